@@ -1,0 +1,232 @@
+"""diffsynth/fantasy_world/model.py: the geometry branch inside model_fn_wan_video."""
+import sys
+import types
+
+import pytest
+import torch
+
+from diffsynth.core.gradient import gradient_checkpoint as upstream_checkpoint
+from diffsynth.fantasy_world.configs import build_dit
+from diffsynth.fantasy_world.model import FantasyWorldBranch
+from diffsynth.pipelines.wan_video import TeaCache, model_fn_wan_video
+
+TIMESTEP = torch.tensor([400.0])
+
+
+def tiny_inputs(latent_frames=2, height=6, width=8, batch=1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        latents=torch.randn(batch, 16, latent_frames, height, width, generator=generator),
+        timestep=TIMESTEP.repeat(batch),
+        context=torch.randn(batch, 5, 32, generator=generator),
+    )
+
+
+def plucker_input(inputs, seed=1):
+    b, _, f, h, w = inputs["latents"].shape
+    return torch.randn(b, 24, f, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def activate_every_path(dit):
+    """Open the zero gates and adapters so every part of the branch changes the outputs."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in dit.fantasy_world.named_parameters():
+            if name.endswith("gate") or "shift" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.fixture
+def fw_dit():
+    def make(**options):
+        dit = build_dit("tiny")
+        dit.enable_fantasy_world_mode(**{"split_layer": 2, **options})
+        return dit
+    return make
+
+
+@pytest.mark.parametrize("layout", ["global", "per_frame"])
+def test_freshly_enabled_branch_leaves_the_video_prediction_exactly_unchanged(layout):
+    inputs = tiny_inputs()
+    plain = build_dit("tiny")
+    reference = model_fn_wan_video(plain, **inputs)
+    plain.enable_fantasy_world_mode(token_layout=layout)
+    video, geometry = model_fn_wan_video(plain, **inputs, return_geometry=True, fantasy_world_camera=plucker_input(inputs))
+    assert torch.equal(video, reference)
+    assert torch.equal(model_fn_wan_video(plain, **inputs), reference)  # without the flag: upstream's return value
+    assert set(geometry) == {"depth", "depth_conf", "points", "points_conf", "camera"}
+
+
+def test_opened_gates_do_change_the_video(fw_dit):
+    dit = fw_dit()
+    inputs = tiny_inputs()
+    before = model_fn_wan_video(dit, **inputs)
+    activate_every_path(dit)
+    assert not torch.allclose(model_fn_wan_video(dit, **inputs), before)
+
+
+def fake_deepspeed(monkeypatch):
+    """DeepSpeed's checkpointing API, backed by torch's reentrant checkpoint (deepspeed is not installed here)."""
+    calls = []
+
+    def checkpoint(function, *args):
+        calls.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True)
+
+    module = types.SimpleNamespace(checkpointing=types.SimpleNamespace(is_configured=lambda: True, checkpoint=checkpoint))
+    monkeypatch.setattr(upstream_checkpoint, "deepspeed", module, raising=False)
+    monkeypatch.setattr(upstream_checkpoint, "_HAS_DEEPSPEED", True)
+    return calls
+
+
+def run_and_collect(dit, inputs, camera, **flags):
+    dit.zero_grad(set_to_none=True)
+    latents = inputs["latents"].clone().requires_grad_(True)
+    video, geometry = model_fn_wan_video(dit, **{**inputs, "latents": latents}, return_geometry=True, fantasy_world_camera=camera, **flags)
+    loss = video.square().mean() + sum(value.float().square().mean() for value in geometry.values())
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in dit.named_parameters() if p.grad is not None}
+    return video.detach(), {k: v.detach() for k, v in geometry.items()}, grads, latents.grad
+
+
+@pytest.mark.parametrize("layout", ["global", "per_frame"])
+@pytest.mark.parametrize("path", ["checkpointing", "offload", "deepspeed"])
+def test_checkpointed_paths_match_the_plain_path(fw_dit, monkeypatch, layout, path):
+    dit = fw_dit(token_layout=layout)
+    activate_every_path(dit)
+    inputs = tiny_inputs()
+    camera = plucker_input(inputs)
+    plain = run_and_collect(dit, inputs, camera)
+    flags = {"use_gradient_checkpointing": True}
+    if path == "offload":
+        flags["use_gradient_checkpointing_offload"] = True
+    if path == "deepspeed":
+        calls = fake_deepspeed(monkeypatch)
+    checkpointed = run_and_collect(dit, inputs, camera, **flags)
+    if path == "deepspeed":
+        assert len(calls) > len(dit.blocks)  # geometry blocks, cross-attention and heads went through it too
+    video, geometry, grads, input_grad = plain
+    torch.testing.assert_close(checkpointed[0], video, rtol=1e-6, atol=1e-7)
+    for key in geometry:
+        torch.testing.assert_close(checkpointed[1][key], geometry[key], rtol=1e-6, atol=1e-7)
+    assert checkpointed[2].keys() == grads.keys()
+    assert any(k.startswith("fantasy_world.camera_conditioning") for k in grads)
+    for key in grads:
+        torch.testing.assert_close(checkpointed[2][key], grads[key], rtol=1e-6, atol=1e-7, msg=key)
+    torch.testing.assert_close(checkpointed[3], input_grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["global", "per_frame"])
+@pytest.mark.parametrize("latent_frames", [1, 2, 6])
+def test_output_shapes_for_odd_grids_and_frame_counts(fw_dit, layout, latent_frames):
+    dit = fw_dit(token_layout=layout, head_resolution_factor=2)
+    inputs = tiny_inputs(latent_frames=latent_frames, height=10, width=14, batch=2)  # token grid 5x7
+    video, geometry = model_fn_wan_video(dit, **inputs, return_geometry=True)
+    frames = 4 * (latent_frames - 1) + 1
+    assert video.shape == inputs["latents"].shape
+    assert geometry["depth"].shape == (2, frames, 1, 20, 28)  # twice the latent resolution
+    assert geometry["depth_conf"].shape == (2, frames, 1, 20, 28)
+    assert geometry["points"].shape == (2, frames, 3, 20, 28)
+    assert geometry["points_conf"].shape == (2, frames, 1, 20, 28)
+    assert geometry["camera"].shape == (2, frames, 9)
+    assert (geometry["depth"] > 0).all() and (geometry["depth_conf"] >= 1).all()
+
+
+@pytest.mark.parametrize("layout", ["global", "per_frame"])
+def test_camera_head_reads_the_camera_tokens(fw_dit, layout):
+    dit = fw_dit(token_layout=layout)
+    inputs = tiny_inputs()
+    _, before = model_fn_wan_video(dit, **inputs, return_geometry=True)
+    with torch.no_grad():
+        dit.fantasy_world.camera_token.add_(torch.randn_like(dit.fantasy_world.camera_token))
+    _, after = model_fn_wan_video(dit, **inputs, return_geometry=True)
+    assert not torch.allclose(after["camera"], before["camera"])
+
+
+def test_frozen_video_side_runs_without_autograd_state(fw_dit):
+    """Stage 1: nothing trainable on the video side, so the video stream never enters the graph."""
+    dit = fw_dit()
+    activate_every_path(dit)
+    for name, parameter in dit.named_parameters():
+        parameter.requires_grad_(name.startswith("fantasy_world.") and "video_from_geo" not in name and "camera_conditioning" not in name)
+    video, geometry = model_fn_wan_video(dit, **tiny_inputs(), return_geometry=True)
+    assert not video.requires_grad
+    assert geometry["depth"].requires_grad
+    sum(v.mean() for v in geometry.values()).backward()
+    assert dit.fantasy_world.geo_blocks[0].self_attn.q.weight.grad is not None
+    assert dit.fantasy_world.cross_attn[0].geo_from_video.q.weight.grad is not None
+
+
+def test_enable_twice_is_an_error(fw_dit):
+    dit = fw_dit()
+    with pytest.raises(RuntimeError, match="already enabled"):
+        dit.enable_fantasy_world_mode()
+
+
+def test_default_split_is_forty_percent():
+    dit = build_dit("tiny")
+    assert FantasyWorldBranch(dit).split_layer == 2
+    assert len(FantasyWorldBranch(dit).geo_blocks) == 3
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"split_layer": 5}, "split_layer"),
+    ({"token_layout": "diagonal"}, "token_layout"),
+    ({"heads": ("depth", "normals")}, "heads"),
+    ({"geo_dim": 96}, "init_from_video"),
+    ({"geo_dim": 48, "init_from_video": False}, "multiple of the DiT head dim"),
+])
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_dit("tiny").enable_fantasy_world_mode(**options)
+
+
+def test_narrower_geometry_stream_runs(fw_dit):
+    dit = fw_dit(geo_dim=32, init_from_video=False, heads=("depth", "camera"))
+    _, geometry = model_fn_wan_video(dit, **tiny_inputs(), return_geometry=True)
+    assert set(geometry) == {"depth", "depth_conf", "camera"}
+
+
+def test_geometry_blocks_start_from_the_paired_video_blocks(fw_dit):
+    dit = fw_dit()
+    for geo_block, video_block in zip(dit.fantasy_world.geo_blocks, dit.blocks[2:]):
+        for (name, a), (_, b) in zip(geo_block.state_dict().items(), video_block.state_dict().items()):
+            assert torch.equal(a, b), name
+
+
+def test_return_geometry_without_the_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="enable_fantasy_world_mode"):
+        model_fn_wan_video(build_dit("tiny"), **tiny_inputs(), return_geometry=True)
+
+
+def test_teacache_with_geometry_is_refused_and_without_geometry_works(fw_dit):
+    dit = fw_dit()
+    with pytest.raises(ValueError, match="TeaCache"):
+        model_fn_wan_video(dit, **tiny_inputs(), return_geometry=True, tea_cache=TeaCache(2, 0.1, "Wan2.1-T2V-1.3B"))
+    out = model_fn_wan_video(dit, **tiny_inputs(), tea_cache=TeaCache(2, 0.1, "Wan2.1-T2V-1.3B"))
+    assert out.shape == tiny_inputs()["latents"].shape
+
+
+def test_unified_sequence_parallel_is_refused(fw_dit):
+    with pytest.raises(ValueError, match="unified sequence parallel"):
+        model_fn_wan_video(fw_dit(), **tiny_inputs(), use_unified_sequence_parallel=True)
+
+
+def test_no_outputs_are_stored_on_the_module(fw_dit):
+    dit = fw_dit()
+    tensors_before = {k for k, v in vars(dit.fantasy_world).items() if isinstance(v, torch.Tensor)}
+    model_fn_wan_video(dit, **tiny_inputs(), return_geometry=True)
+    assert {k for k, v in vars(dit.fantasy_world).items() if isinstance(v, torch.Tensor)} == tensors_before
+    assert "geometry" not in vars(dit) and "fantasy_world_outputs" not in vars(dit)
+
+
+def test_pose_camera_condition(fw_dit):
+    dit = fw_dit(camera_condition="pose")
+    activate_every_path(dit)
+    inputs = tiny_inputs()
+    pose = torch.randn(1, 5, 9)
+    a = model_fn_wan_video(dit, **inputs, fantasy_world_camera=pose)
+    b = model_fn_wan_video(dit, **inputs, fantasy_world_camera=pose + 1)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="4\\*k\\+1"):
+        model_fn_wan_video(dit, **inputs, fantasy_world_camera=torch.randn(1, 4, 9))
