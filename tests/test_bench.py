@@ -1,0 +1,100 @@
+"""bench/train_step.py: one short run on the tiny DiT writes the JSON and Markdown it promises.
+
+Timings are never asserted (they depend on the machine and its load); the fields, the ratios'
+arithmetic and the FLOP count (against torch.utils.flop_counter) are.
+"""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "train_step.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shapes_and_variant_selection():
+    bench = load_bench()
+    parser = bench.build_parser()
+    shape = bench.resolve_shape(parser.parse_args(["--height", "480", "--width", "832", "--num_frames", "81"]))
+    assert shape["latent"] == [21, 60, 104] and shape["grid"] == [21, 30, 52] and shape["tokens"] == 32760
+    shape = bench.resolve_shape(parser.parse_args(["--tokens", "2048"]))
+    assert math.prod(shape["grid"]) == 2048 and shape["num_frames"] == 4 * (shape["latent"][0] - 1) + 1
+    with pytest.raises(SystemExit):
+        bench.resolve_shape(parser.parse_args(["--height", "100", "--width", "64", "--num_frames", "5"]))
+    variants = bench.parse_variants(parser.parse_args(["--variants", "stage2,plain:nockpt", "--checkpointing", "on,off"]))
+    assert variants == [("stage2", True), ("plain", False), ("stage2", False)]
+
+
+def test_tiny_run_writes_json_and_markdown(tmp_path):
+    prefix = tmp_path / "tiny"
+    command = [
+        sys.executable, str(SCRIPT), "--config", "tiny", "--height", "64", "--width", "64", "--num_frames", "5",
+        "--text_len", "8", "--warmup", "1", "--steps", "2", "--device", "cpu", "--threads", "1",
+        "--check_flops", "--out", str(prefix),
+    ]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    report = json.loads(prefix.with_suffix(".json").read_text())
+    markdown = prefix.with_suffix(".md").read_text()
+
+    assert report["schema"] == "fantasy_world.bench.train_step/1"
+    assert report["shape"]["tokens"] == 2 * 4 * 4 and report["config"]["name"] == "tiny"
+    assert report["settings"]["warmup"] == 1 and report["settings"]["steps"] == 2
+    assert report["machine"]["torch"] and report["flop_formula"].startswith("model FLOPs")
+    names = [r["name"] for r in report["results"]]
+    assert names == ["plain/ckpt", "stage1/ckpt", "stage2/ckpt", "plain/nockpt", "stage1/nockpt", "stage2/nockpt"]
+    by_name = {r["name"]: r for r in report["results"]}
+    for record in report["results"]:
+        assert record["status"] == "ok", record.get("traceback") or record.get("error")
+        step = record["step_s"]
+        assert len(step["all"]) == 2 and step["min"] <= step["p25"] <= step["median"] <= step["p75"] <= step["max"]
+        assert step["iqr"] == pytest.approx(step["p75"] - step["p25"])
+        assert record["tokens_per_s"] == pytest.approx(report["shape"]["tokens_per_step"] / step["median"])
+        flops = record["flops"]
+        assert flops["model"] > 0 and flops["hardware"] == pytest.approx(flops["model"] + flops["recompute"])
+        assert record["achieved_flops_per_s"] == pytest.approx(flops["model"] / step["median"])
+        # The hook count agrees with torch's own FLOP counter on the same step (recomputation included).
+        assert abs(flops["flop_counter_mode"]["rel_error"]) < 1e-6
+        assert (flops["recompute"] > 0) == record["checkpointing"]
+        assert record["peak_memory"]["kind"] == "rss" and record["peak_memory"]["bytes"] > 0
+        assert 0 < record["params_trainable"] <= record["params_total"]
+        plain = by_name["plain/" + ("ckpt" if record["checkpointing"] else "nockpt")]
+        assert record["ratio_vs_plain"] == pytest.approx(step["median"] / plain["step_s"]["median"])
+    assert by_name["plain/ckpt"]["ratio_vs_plain"] == pytest.approx(1.0)
+    # Stage semantics: plain trains everything; stage 2 trains fewer parameters than stage 1 here.
+    plain = by_name["plain/nockpt"]
+    assert plain["params_trainable"] == plain["params_total"]
+    assert plain["flops"]["parts"]["linear_backward_weight"] == pytest.approx(plain["flops"]["parts"]["linear_forward"])
+    assert "cross_attn.geo_from_video" in by_name["stage1/nockpt"]["trainable_modules"]
+    assert "cross_attn.video_from_geo" not in by_name["stage1/nockpt"]["trainable_modules"]
+    assert set(by_name["stage2/nockpt"]["trainable_modules"]) == {
+        "camera_conditioning", "cross_attn.geo_from_video", "cross_attn.video_from_geo"}
+    # Same model and tokens: model FLOPs do not depend on checkpointing.
+    for stage in ("plain", "stage1", "stage2"):
+        assert by_name[f"{stage}/ckpt"]["flops"]["model"] == pytest.approx(by_name[f"{stage}/nockpt"]["flops"]["model"])
+
+    rope = report["rope"]
+    assert rope["extra_tokens"] == 5 and rope["geo_tokens"] == 32 + 5
+    for name in ("stage1/ckpt", "stage2/nockpt"):
+        extra = by_name[name]["rope_extra"]
+        assert extra["calls"]["forward"] > 0 and extra["share_upper"] == pytest.approx(
+            extra["seconds_upper"] / by_name[name]["step_s"]["median"])
+    kinds = {t["target"].split(" (")[0] for t in report["targets"]}
+    assert {"stage-1 step <= 1.0x plain", "stage-2 step <= 1.6x plain", "extra-token RoPE < 0.5% of the step"} <= kinds
+    assert all(t["status"] in ("met", "missed", "n/a", "info") for t in report["targets"])
+
+    assert "| variant | ckpt | status | step median (s)" in markdown
+    for stage in ("plain", "stage1", "stage2"):
+        assert f"| {stage} | on | ok |" in markdown and f"| {stage} | off | ok |" in markdown
+    assert "| target (issue 7) | value | status |" in markdown and "FLOPs: model FLOPs =" in markdown
