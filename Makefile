@@ -19,7 +19,6 @@ setup: $(VENV)/.installed $(VENV)/.materialised
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	touch $@
 
