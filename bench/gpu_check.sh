@@ -4,7 +4,8 @@
 #   1. quick check: 240x416x81 video = 21x15x26 = 8,190 tokens (1 warm-up + 3 steps);
 #   2. the table:   480x832x81 video = 21x30x52 = 32,760 tokens (2 warm-ups + 5 steps, profiled).
 # Writes JSON + Markdown (+ a log, nvidia-smi, profiler tables) into $OUT (default outputs/bench/gpu).
-# Runs from the repository root with the materialised diffsynth/ present; about 4-5 minutes on an H100.
+# Runs from the repository root with the materialised diffsynth/ present. Time limits: 120 s + 240 s
+# (a run cut short leaves <prefix>.partial.json with the variants done); expected about 3-4 minutes.
 #
 # On the device tool: carry ["diffsynth", ".whl"], timeout_s 480, command `bash bench/gpu_check.sh`.
 # `import diffsynth` imports modelscope (diffsynth/core/loader/config.py) and ftfy
@@ -51,11 +52,13 @@ cat "$OUT/device.txt"
 
 status=0
 # 1. quick check at 8,190 tokens.
-timeout 170 "$PY" bench/train_step.py --config 1.3B --height 240 --width 416 --num_frames 81 \
+timeout 120 "$PY" bench/train_step.py --config 1.3B --height 240 --width 416 --num_frames 81 \
   --device cuda --warmup 1 --steps 3 --out "$OUT/train_step_1.3B_8190tok" 2>&1 | tee "$OUT/log.txt" || status=1
-# 2. the table at 32,760 tokens (480x832x81), with one profiled step per variant.
-timeout 330 "$PY" bench/train_step.py --config 1.3B --height 480 --width 832 --num_frames 81 \
-  --device cuda --warmup 2 --steps 5 --profile /tmp/bench_profile \
+# 2. the table at 32,760 tokens (480x832x81), with one profiled step per variant (PROFILE=0: none).
+PROFILE_ARGS=()
+if [ "${PROFILE:-1}" != "0" ]; then PROFILE_ARGS=(--profile /tmp/bench_profile); fi
+timeout 240 "$PY" bench/train_step.py --config 1.3B --height 480 --width 832 --num_frames 81 \
+  --device cuda --warmup 2 --steps 5 ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"} \
   --out "$OUT/train_step_1.3B_32760tok" 2>&1 | tee -a "$OUT/log.txt" || status=1
 if [ -d /tmp/bench_profile ]; then
   tar czf "$OUT/profiles_32760tok.tgz" -C /tmp bench_profile

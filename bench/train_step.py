@@ -14,9 +14,14 @@ each with gradient checkpointing on and off (an out-of-memory failure is recorde
 A step is ``zero_grad`` + forward through ``model_fn_wan_video`` + loss + backward + AdamW step.
 
 Reported per variant: step time (median, quartiles, IQR, min/max), video tokens/s, model FLOPs
-per step and achieved FLOP/s, recomputation FLOPs, peak memory (CUDA: max allocated; CPU: peak
-RSS of a forked worker and its growth over the worker's start), trainable parameters and the
-ratio against the plain step. Also: the extra-token RoPE cost (identity-table extension +
+per step and achieved FLOP/s, recomputation FLOPs, peak memory (CUDA: ``max_memory_allocated``,
+reset per variant; CPU: peak RSS of the variant's forked worker and its growth over the worker's
+start), trainable parameters and the ratios against the plain step (time and FLOPs).
+
+On CPU every variant lives in its own forked worker and the timed steps go round-robin across the
+workers (``--isolate interleave``), so a change in the machine's load hits all variants alike; on
+CUDA the variants run one after another in this process. ``--device meta`` only counts FLOPs
+(shapes without data), for any configuration and size, in seconds. Also: the extra-token RoPE cost (identity-table extension +
 rotation of the camera/register rows) as a share of the FantasyWorld step, and the targets of
 issue 7. Writes ``<out>.json`` and ``<out>.md``.
 
@@ -40,6 +45,7 @@ Run ``python bench/train_step.py --help`` for the options; ``docs/benchmarks.md`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -67,15 +73,6 @@ TARGET_STAGE1_RATIO = 1.0
 TARGET_STAGE2_RATIO = 1.6
 TARGET_ROPE_SHARE = 0.005
 TARGET_PEAK_GIB = 40.0
-# Trainable parameter prefixes (names relative to the DiT) of each FantasyWorld stage; used only when
-# diffsynth.fantasy_world.training.is_trainable (the training script's own rule) cannot be imported.
-STAGE1_TRAINABLE = (
-    "fantasy_world.geo_projector.", "fantasy_world.geo_context_projection.", "fantasy_world.geo_time_projection.",
-    "fantasy_world.camera_token", "fantasy_world.register_tokens", "fantasy_world.geo_blocks.",
-    "fantasy_world.depth_head.", "fantasy_world.points_head.", "fantasy_world.camera_head.",
-)
-STAGE1_CROSS_ATTN = ".geo_from_video."
-STAGE2_TRAINABLE = ("fantasy_world.cross_attn.", "fantasy_world.camera_conditioning.")
 
 FLOP_FORMULA = (
     "model FLOPs = sum over nn.Linear/nn.ConvNd calls of F_fwd*(1 + g_in + g_w) + sum over attention calls of "
@@ -121,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text_len", type=int, default=512, help="text context tokens (Wan pads T5 output to 512)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per variant (at least 1; the first counts FLOPs)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda if available), cpu, cuda or cuda:N; meta: count model FLOPs only (no data, no "
+                             "timing: FLOP ratios of any configuration at any size in seconds)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                         help="compute dtype; bf16 runs under autocast with fp32 master weights for trained parameters "
                              "(auto: bf16 on CUDA, fp32 on CPU)")
@@ -135,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "robust to load changes, peak RSS per variant); fork: forked workers one after another; "
                              "none: in this process, one variant after another (CUDA: peak statistics reset per "
                              "variant). auto: interleave on CPU, none on CUDA")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
     parser.add_argument("--geo_weight", type=float, default=1.0, help="lambda of the stage-2 loss L_diff + lambda * L_geo")
     parser.add_argument("--geo_loss", default="auto", choices=("auto", "real", "standin"),
@@ -147,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--num_register_tokens", type=int, default=4)
     fw.add_argument("--cross_attn_heads", type=int, default=None, help="cross-attention heads (default: a quarter of the DiT's)")
     fw.add_argument("--camera_condition", default="plucker", choices=("plucker", "pose", "none"))
+    fw.add_argument("--camera_adapter_blocks", default=None,
+                    help="video blocks with a camera adapter: comma list of indices, 'pre' (the video-only blocks, the "
+                         "default) or 'post' (the blocks after the split)")
     fw.add_argument("--head_features", type=int, default=None)
     fw.add_argument("--head_resolution_factor", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -440,18 +442,35 @@ class FlopCounter:
         return hook
 
 
-def _stage_rule():
-    """``(rule(name, stage_number) -> bool, source)``: the training script's rule when importable."""
+@contextlib.contextmanager
+def meta_values_read_as_zero():
+    """On the meta device tensors have no values; a model that reads one (e.g. to skip a frozen,
+    zero-gated attention) sees zeros here, the values of a freshly initialised gate."""
+    import torch
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "__bool__")}
+
+    def zeros_like_list(t):
+        return torch.zeros(t.shape, dtype=t.dtype, device="cpu").tolist()
+
+    def patched(name):
+        original = saved[name]
+
+        def method(self, *args, **kwargs):
+            if self.device.type != "meta":
+                return original(self, *args, **kwargs)
+            if name == "tolist":
+                return zeros_like_list(self)
+            value = torch.zeros((), dtype=self.dtype).item()
+            return bool(value) if name == "__bool__" else value
+        return method
+
     try:
-        from diffsynth.fantasy_world.training import is_trainable
-        return is_trainable, "diffsynth.fantasy_world.training.is_trainable"
-    except ImportError:
-        def rule(name: str, stage: int) -> bool:
-            if stage == 1:
-                return name.startswith(STAGE1_TRAINABLE) or (
-                    name.startswith("fantasy_world.cross_attn.") and STAGE1_CROSS_ATTN in name)
-            return name.startswith(STAGE2_TRAINABLE)
-        return rule, "bench/train_step.py fallback prefixes"
+        for name in saved:
+            setattr(torch.Tensor, name, patched(name))
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
 
 
 def _set_trainable(dit, stage: str) -> str:
@@ -460,11 +479,12 @@ def _set_trainable(dit, stage: str) -> str:
         for param in dit.parameters():
             param.requires_grad_(True)
         return "all parameters"
-    rule, source = _stage_rule()
+    from diffsynth.fantasy_world.training import is_trainable
+
     number = 1 if stage == "stage1" else 2
     for name, param in dit.named_parameters():
-        param.requires_grad_(bool(rule(name, number)))
-    return source
+        param.requires_grad_(is_trainable(name, number))
+    return "diffsynth.fantasy_world.training.is_trainable"
 
 
 def _fw_options(args) -> dict:
@@ -474,6 +494,18 @@ def _fw_options(args) -> dict:
         if value is not None:
             options[key] = value
     options["camera_condition"] = None if args.camera_condition == "none" else args.camera_condition
+    blocks = args.camera_adapter_blocks
+    if blocks and blocks != "pre" and options["camera_condition"] is not None:
+        if blocks == "post":
+            from diffsynth.fantasy_world.model import default_split_layer
+            num_layers = model_config(args)["num_layers"]
+            split = args.split_layer if args.split_layer is not None else default_split_layer(num_layers)
+            options["camera_adapter_blocks"] = list(range(split, num_layers))
+        else:
+            try:
+                options["camera_adapter_blocks"] = [int(b) for b in blocks.split(",") if b.strip()]
+            except ValueError:
+                raise SystemExit(f"--camera_adapter_blocks takes pre, post or a comma list of indices, got {blocks!r}") from None
     return options
 
 
@@ -551,6 +583,7 @@ def run_variant(args, shape: dict, stage: str, ckpt: bool, device_str: str, driv
     compute_dtype = torch.bfloat16 if _resolve_dtype(args, device) == "bf16" else torch.float32
     autocast = compute_dtype != torch.float32
     record: dict[str, Any] = dict(name=variant_name(stage, ckpt), stage=stage, checkpointing=ckpt, status="ok")
+    meta = device.type == "meta"  # FLOPs only: shapes without data, nothing timed
     if args.threads:
         torch.set_num_threads(args.threads)
     gc.collect()
@@ -599,7 +632,7 @@ def run_variant(args, shape: dict, stage: str, ckpt: bool, device_str: str, driv
         state["optimizer"] = optimizer
 
         cfg = model_config(args)
-        generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+        generator = None if meta else torch.Generator(device=device).manual_seed(args.seed + 1)
         batch = args.batch
         latents = torch.randn(batch, cfg["in_dim"], *shape["latent"], device=device, generator=generator)
         timestep = torch.rand(batch, device=device, generator=generator) * 1000
@@ -640,7 +673,7 @@ def run_variant(args, shape: dict, stage: str, ckpt: bool, device_str: str, driv
             optimizer.zero_grad(set_to_none=True)
             if count is not None:
                 count.phase = "forward"
-            with torch.autocast(device_type=device.type, dtype=compute_dtype, enabled=autocast):
+            with (torch.autocast(device_type=device.type, dtype=compute_dtype) if autocast else contextlib.nullcontext()):
                 outputs = model_fn_wan_video(
                     dit, latents=latents, timestep=timestep, context=context,
                     use_gradient_checkpointing=ckpt, return_geometry=stage != "plain",
@@ -652,6 +685,8 @@ def run_variant(args, shape: dict, stage: str, ckpt: bool, device_str: str, driv
             loss.backward()
             if count is not None:
                 count.phase = "off"
+            if meta:
+                return float("nan")
             optimizer.step()
             _sync(device)
             return float(loss.detach())
@@ -659,7 +694,8 @@ def run_variant(args, shape: dict, stage: str, ckpt: bool, device_str: str, driv
         warmup = max(1, args.warmup)
         counter = FlopCounter(dit, split_layer, geo_length)
         t0 = time.perf_counter()
-        loss_value = step(counter)
+        with (meta_values_read_as_zero() if meta else contextlib.nullcontext()):
+            loss_value = step(counter)
         first = time.perf_counter() - t0
         counter.close()
         record["flops"] = dict(
@@ -670,6 +706,9 @@ def run_variant(args, shape: dict, stage: str, ckpt: bool, device_str: str, driv
         )
         record["rope_calls_geo"] = counter.rope_calls if stage != "plain" else None
         counter = None
+        if meta:
+            record["step_s"] = None
+            return record
         for _ in range(warmup - 1):
             step()
         losses = []
@@ -862,7 +901,10 @@ def run_variants_interleaved(args, shape, variants, device_str, log) -> list[dic
 
 
 def _log_record(record: dict, log, quiet: bool) -> None:
-    if record["status"] == "ok":
+    if record["status"] == "ok" and not record.get("step_s"):
+        log(f"[bench]   {record['name']}: {record['flops']['model'] / 1e12:.4g} TFLOP model, "
+            f"{record['flops']['recompute'] / 1e12:.4g} TFLOP recomputed (FLOP count only)")
+    elif record["status"] == "ok":
         log(f"[bench]   {record['name']}: median {record['step_s']['median']:.4f} s (IQR {record['step_s']['iqr']:.4f}), "
             f"{record['flops']['model'] / 1e9:.4g} GFLOP, peak {record['peak_memory']['bytes'] / GIB:.2f} GiB"
             + (f", wall {record['wall_s']:.1f} s" if "wall_s" in record else ""))
@@ -989,6 +1031,29 @@ def measure_matmul_rate(device_str: str, dtype_name: str) -> dict:
     return dict(n=n, dtype=str(dtype).replace("torch.", ""), seconds=seconds, flops_per_s=2.0 * n ** 3 / seconds)
 
 
+def _source_info() -> dict:
+    """The repository commit and a digest of the model code actually imported (diffsynth/ is generated)."""
+    import hashlib
+    import subprocess
+    info: dict[str, Any] = {}
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    import diffsynth
+    package = Path(diffsynth.__file__).resolve().parent
+    files = sorted((package / "fantasy_world").glob("*.py")) + [package / "models" / "wan_video_dit.py",
+                                                                  package / "pipelines" / "wan_video.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        if path.exists():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    info["model_code_sha256"] = digest.hexdigest()[:16]
+    info["diffsynth_path"] = str(package)
+    return info
+
+
 def _machine_info(device_str: str) -> dict:
     import torch
     info: dict[str, Any] = dict(
@@ -1014,7 +1079,7 @@ def _machine_info(device_str: str) -> dict:
         info.update(device_name=props.name, device_memory_bytes=props.total_memory, cuda=torch.version.cuda,
                     device_count=torch.cuda.device_count())
     else:
-        info["device_name"] = f"CPU ({info['cpu_model']})"
+        info["device_name"] = "meta device (no compute)" if device.type == "meta" else "CPU"
     return info
 
 
@@ -1038,10 +1103,16 @@ def _rope_summary(results: list[dict], rope: dict) -> None:
 
 def _ratios(results: list[dict]) -> None:
     plain = {r["checkpointing"]: r for r in results if r["stage"] == "plain" and r["status"] == "ok"}
+    for record in results:  # FLOP ratios (also without timings, e.g. on the meta device)
+        same = plain.get(record["checkpointing"])
+        if record["status"] == "ok" and same is not None:
+            record["model_flop_ratio_vs_plain"] = record["flops"]["model"] / same["flops"]["model"]
+            record["hardware_flop_ratio_vs_plain"] = record["flops"]["hardware"] / same["flops"]["hardware"]
+    plain = {k: r for k, r in plain.items() if r.get("step_s")}
     plain_ok = [r for r in plain.values()]
     best_plain = min(plain_ok, key=lambda r: r["step_s"]["median"]) if plain_ok else None
     for record in results:
-        if record["status"] != "ok":
+        if record["status"] != "ok" or not record.get("step_s"):
             continue
         same = plain.get(record["checkpointing"])
         record["ratio_vs_plain"] = record["step_s"]["median"] / same["step_s"]["median"] if same else None
@@ -1051,7 +1122,7 @@ def _ratios(results: list[dict]) -> None:
 
 
 def _finish_record(record: dict, tokens_per_step: int) -> None:
-    if record["status"] != "ok":
+    if record["status"] != "ok" or not record.get("step_s"):
         return
     median = record["step_s"]["median"]
     record["tokens_per_s"] = tokens_per_step / median
@@ -1070,7 +1141,13 @@ def evaluate_targets(report: dict) -> list[dict]:
                 continue
             entry = dict(target=f"{label} ({'ckpt on' if ckpt else 'ckpt off'}, vs plain same setting)", limit=limit,
                          kind="ratio_max")
-            if record["status"] != "ok" or record.get("ratio_vs_plain") is None:
+            if record["status"] == "ok" and record.get("ratio_vs_plain") is None \
+                    and record.get("hardware_flop_ratio_vs_plain") is not None:
+                value = record["hardware_flop_ratio_vs_plain"]  # no timings (meta device): FLOPs incl. recompute
+                entry.update(value=value, status="met" if value <= limit else "missed",
+                             by=(value / limit - 1.0) if value > limit else 0.0,
+                             note="FLOP estimate (model + recompute FLOPs), not a timing")
+            elif record["status"] != "ok" or record.get("ratio_vs_plain") is None:
                 entry.update(status="n/a", note=f"{record['name']}: {record['status']}; plain same setting: "
                                                  f"{results.get(variant_name('plain', ckpt), {}).get('status', 'not run')}")
             else:
@@ -1108,7 +1185,7 @@ def evaluate_targets(report: dict) -> list[dict]:
                                 value=value, status=("met" if value < TARGET_PEAK_GIB else "missed") if applies else "info",
                                 note=None if applies else "the target is stated for 1.3B at 32,760 tokens"))
         plain = results.get(variant_name("plain", record["checkpointing"]))
-        if plain and plain["status"] == "ok":
+        if plain and plain["status"] == "ok" and plain.get("achieved_flops_per_s") and record.get("achieved_flops_per_s"):
             value = record["achieved_flops_per_s"] / plain["achieved_flops_per_s"]
             targets.append(dict(target=f"achieved model FLOP/s >= plain's ({record['name']})", limit=1.0, kind="ratio_min",
                                 value=value, status="met" if value >= 1.0 else "missed",
@@ -1129,7 +1206,32 @@ def _flop_unit(report: dict) -> tuple[float, str]:
     return (1e12, "TFLOP") if values and max(values) >= 1e12 else (1e9, "GFLOP")
 
 
+def _losses(report: dict) -> dict:
+    losses: dict[str, str] = {}
+    for record in report["results"]:
+        if record.get("loss"):
+            losses.setdefault(record["stage"], record["loss"])
+    return losses
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
+    parts, values = [], sorted(values)
+    start = prev = None
+    for v in values + [None]:
+        if start is None:
+            start = prev = v
+        elif v is not None and v == prev + 1:
+            prev = v
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = v
+    return ", ".join(parts) if values else "none"
+
+
 def _memory_note(settings: dict) -> str:
+    if settings["device"] == "meta":
+        return "not measured (meta device: FLOP count only, no timings)"
     if settings["device"].startswith("cuda"):
         return "torch.cuda.max_memory_allocated (reset per variant, weights + optimizer state + activations)"
     if settings.get("isolate") in ("fork", "interleave"):
@@ -1150,13 +1252,17 @@ def render_markdown(report: dict) -> str:
         + (f", CUDA {host.get('cuda')}" if host.get("cuda") else "")
         + (f"; 1-min load average {host['load_average_start'][0]:.2f} at start, {host['load_average_end'][0]:.2f} at end"
            if host.get("load_average_start") and host.get("load_average_end") else ""),
-        f"- command: `{report['command']}`",
+        f"- command: `{report['command']}`"
+        + (f" (commit {report['source'].get('git_commit')}, model code sha256 {report['source'].get('model_code_sha256')})"
+           if report.get("source") else ""),
         f"- model: dim {cfg['dim']}, {cfg['num_layers']} blocks, {cfg['num_heads']} heads, ffn {cfg['ffn_dim']}"
         + (" (overrides of the named configuration: " + ", ".join(f"{k}={v}" for k, v in cfg["overrides"].items()) + ")"
            if cfg.get("overrides") else "") + "; "
         f"video {shape['height']}x{shape['width']}x{shape['num_frames']} -> latent {tuple(shape['latent'])} -> "
         f"token grid {tuple(shape['grid'])} = {shape['tokens']:,} tokens/sample, batch {settings['batch']}, "
         f"text {settings['text_len']} tokens",
+        "- compute: meta device, FLOP count only (one forward + backward on shapes: no data, no optimizer step, no "
+        "timing)" if settings["device"] == "meta" else
         f"- compute: {settings['device']}, {settings['dtype']}"
         + (" autocast, fp32 master weights for trained parameters, frozen parameters in "
            + (settings["dtype"] if settings["frozen_dtype"] == "compute" else "fp32") if settings["dtype"] != "fp32" else "")
@@ -1169,8 +1275,9 @@ def render_markdown(report: dict) -> str:
     if fw:
         lines.append(
             f"- FantasyWorld: split {fw['split_layer']}, layout {fw['token_layout']}, {fw['extra_tokens']} extra tokens, "
-            f"cross-attention {fw['cross_attn_heads']} heads, camera {fw['camera_condition']}; geometry loss: "
-            + next((r.get("loss", "") for r in report["results"] if r["stage"] == "stage1"), "-")
+            f"cross-attention {fw['cross_attn_heads']} heads, camera {fw['camera_condition']}"
+            + (f" (adapters on video blocks {_ranges(fw.get('camera_adapter_blocks') or [])})" if fw.get("camera_condition") else "")
+            + "; losses: " + "; ".join(f"{stage}: {loss}" for stage, loss in _losses(report).items())
         )
     if report.get("matmul_rate"):
         m = report["matmul_rate"]
@@ -1178,8 +1285,9 @@ def render_markdown(report: dict) -> str:
     lines += [
         "",
         f"| variant | ckpt | status | step median (s) | IQR (s) | min-max (s) | tokens/s | model {unit}/step | "
-        f"recompute {unit} | achieved {unit}/s | peak mem (GiB) | trainable (M) | vs plain (same ckpt) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"recompute {unit} | achieved {unit}/s | peak mem (GiB) | trainable (M) | FLOPs vs plain (model / +recompute) "
+        f"| time vs plain (same ckpt) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         peak = r.get("peak_memory") or {}
@@ -1188,15 +1296,22 @@ def render_markdown(report: dict) -> str:
             mem += f" (+{_fmt_bytes_gib(peak.get('growth_bytes'))})"
         ckpt = "on" if r["checkpointing"] else "off"
         if r["status"] != "ok":
-            lines.append(f"| {r['stage']} | {ckpt} | {r['status']}: {r.get('error', '')[:80]} | - | - | - | - | - | - | - | {mem} | - | - |")
+            lines.append(f"| {r['stage']} | {ckpt} | {r['status']}: {r.get('error', '')[:80]} | - | - | - | - | - | - | - | "
+                         f"{mem} | - | - | - |")
             continue
-        s = r["step_s"]
-        ratio = r.get("ratio_vs_plain")
+        flop_ratio = "-"
+        if r.get("model_flop_ratio_vs_plain") is not None:
+            flop_ratio = f"{r['model_flop_ratio_vs_plain']:.3f}x / {r['hardware_flop_ratio_vs_plain']:.3f}x"
+        s = r.get("step_s")
+        timing = "- | - | - | -"
+        achieved, ratio = "-", "-"
+        if s:
+            timing = f"{s['median']:.3f} | {s['iqr']:.3f} | {s['min']:.3f}-{s['max']:.3f} | {r['tokens_per_s']:,.0f}"
+            achieved = f"{r['achieved_flops_per_s'] / scale:.4g}"
+            ratio = "-" if r.get("ratio_vs_plain") is None else f"{r['ratio_vs_plain']:.3f}x"
         lines.append(
-            f"| {r['stage']} | {ckpt} | ok | {s['median']:.3f} | {s['iqr']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['flops']['model'] / scale:.4g} | {r['flops']['recompute'] / scale:.4g} | "
-            f"{r['achieved_flops_per_s'] / scale:.4g} | {mem} | {r['params_trainable'] / 1e6:.2f} | "
-            f"{'-' if ratio is None else f'{ratio:.3f}x'} |"
+            f"| {r['stage']} | {ckpt} | ok | {timing} | {r['flops']['model'] / scale:.4g} | {r['flops']['recompute'] / scale:.4g} | "
+            f"{achieved} | {mem} | {r['params_trainable'] / 1e6:.2f} | {flop_ratio} | {ratio} |"
         )
     rope = report.get("rope")
     if rope:
@@ -1262,6 +1377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--device cuda but torch sees no CUDA device")
     dtype_name = _resolve_dtype(args, device)
     isolate = args.isolate
+    if device.type == "meta":  # FLOP count only
+        isolate, args.no_rope, args.no_matmul_rate, args.profile, args.check_flops, args.rounds = "none", True, True, None, False, 1
     if isolate == "auto":
         isolate = "none" if device.type == "cuda" else "interleave"
     if isolate in ("fork", "interleave") and device.type == "cuda":
@@ -1340,6 +1457,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _finish_record(record, tokens_per_step)
         report["results"].append(record)
     report["machine"] = _machine_info(device_str)
+    report["source"] = _source_info()
     report["machine"]["load_average_start"] = load_start
     report["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     report["variants_wall_s"] = time.perf_counter() - wall_start

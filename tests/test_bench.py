@@ -94,6 +94,19 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     assert {"stage-1 step <= 1.0x plain", "stage-2 step <= 1.6x plain", "extra-token RoPE < 0.5% of the step"} <= kinds
     assert all(t["status"] in ("met", "missed", "n/a", "info") for t in report["targets"])
 
+    # The meta device counts the same FLOPs from shapes alone (no data, no timing).
+    bench = load_bench()
+    meta_prefix = tmp_path / "tiny_meta"
+    meta_args = ["--config", "tiny", "--height", "64", "--width", "64", "--num_frames", "5", "--text_len", "8",
+                 "--device", "meta", "--quiet", "--out", str(meta_prefix)]
+    assert bench.main(meta_args) == 0
+    meta = {r["name"]: r for r in json.loads(meta_prefix.with_suffix(".json").read_text())["results"]}
+    for name, record in by_name.items():
+        assert meta[name]["step_s"] is None
+        assert meta[name]["flops"]["model"] == record["flops"]["model"]
+        assert meta[name]["flops"]["recompute"] == record["flops"]["recompute"]
+        assert meta[name]["hardware_flop_ratio_vs_plain"] == pytest.approx(record["hardware_flop_ratio_vs_plain"])
+
     assert "| variant | ckpt | status | step median (s)" in markdown
     for stage in ("plain", "stage1", "stage2"):
         assert f"| {stage} | on | ok |" in markdown and f"| {stage} | off | ok |" in markdown

@@ -230,3 +230,26 @@ def test_pose_camera_condition(fw_dit):
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="4\\*k\\+1"):
         model_fn_wan_video(dit, **inputs, fantasy_world_camera=torch.randn(1, 4, 9))
+
+
+def test_frozen_video_side_skips_exactly_the_zero_gated_attention(fw_dit, monkeypatch):
+    from diffsynth.fantasy_world.blocks import CrossStreamAttention
+
+    dit = fw_dit()
+    for name, parameter in dit.named_parameters():
+        parameter.requires_grad_(name.startswith("fantasy_world.geo_blocks."))
+    queries = []
+    real_forward = CrossStreamAttention.forward
+    monkeypatch.setattr(CrossStreamAttention, "forward", lambda self, x, *a: queries.append(x.shape[1]) or real_forward(self, x, *a))
+    inputs = tiny_inputs()
+    video_tokens = 2 * 3 * 4
+    zero_gates, _ = model_fn_wan_video(dit, **inputs, return_geometry=True)
+    assert video_tokens not in queries  # no video-side attention ran: every gate is a frozen zero
+    with torch.no_grad():
+        dit.fantasy_world.cross_attn[1].video_from_geo.gate.fill_(0.5)
+    queries.clear()
+    open_gate, _ = model_fn_wan_video(dit, **inputs, return_geometry=True)
+    assert queries.count(video_tokens) == 1 and not torch.equal(open_gate, zero_gates)
+    with torch.no_grad():
+        dit.fantasy_world.cross_attn[1].video_from_geo.gate.zero_()
+    assert torch.equal(model_fn_wan_video(build_dit("tiny"), **inputs), zero_gates)
