@@ -169,3 +169,24 @@ def test_two_process_cpu_run_keeps_ranks_identical(synthetic_dataset, tmp_path):
     summary = json.loads((output / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["ranks_agree"] is True
     assert "find_unused_parameters" not in result.stderr
+
+
+def test_pretrained_source_goes_through_upstream_pipeline_units(train_args, monkeypatch):
+    """Real weights: latents and text context come from the WanVideoPipeline's own units. Here the
+    pipeline is the weight-free tiny one (no download), with a plain DiT as from_pretrained gives."""
+    from diffsynth.fantasy_world.inference import build_tiny_pipeline
+    from diffsynth.pipelines.wan_video import WanVideoPipeline
+
+    pipe = build_tiny_pipeline()
+    pipe.dit = build_dit("tiny")
+    requested = {}
+
+    def fake_from_pretrained(**kwargs):
+        requested.update(kwargs)
+        return pipe
+
+    monkeypatch.setattr(WanVideoPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    summary = run_training(train_args("--model_source", "pretrained", "--model_paths", "[]", "--stage", "2", "--max_steps", "2"))
+    assert requested["model_configs"] == [] and summary["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in summary["history"].values())
+    assert pipe.dit.fantasy_world is not None and pipe.torch_dtype == torch.float32
