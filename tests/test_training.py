@@ -190,3 +190,9 @@ def test_pretrained_source_goes_through_upstream_pipeline_units(train_args, monk
     assert requested["model_configs"] == [] and summary["steps"] == 2
     assert all(torch.isfinite(torch.tensor(v)).all() for v in summary["history"].values())
     assert pipe.dit.fantasy_world is not None and pipe.torch_dtype == torch.float32
+
+
+def test_data_order_visits_every_sample_once_per_epoch_across_ranks():
+    seen = [i for step in range(3) for rank in range(2) for i in training.sample_indices(step, rank, 2, 2, 12, seed=5)]
+    assert sorted(seen) == list(range(12))
+    assert training.sample_indices(3, 0, 2, 2, 12, seed=5) != training.sample_indices(0, 0, 2, 2, 12, seed=5)
