@@ -363,10 +363,8 @@ class FlopCounter:
         conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
         for name, module in model.named_modules():
             group = _group_of(name, split_layer)
-            if isinstance(module, nn.Linear):
-                self._handles.append(module.register_forward_hook(self._linear_hook(group)))
-            elif isinstance(module, conv_types):
-                self._handles.append(module.register_forward_hook(self._conv_hook(group)))
+            if isinstance(module, (nn.Linear, *conv_types)):
+                self._handles.append(module.register_forward_hook(self._layer_hook(group)))
             elif isinstance(module, wan_video_dit.AttentionModule):
                 self._handles.append(module.register_forward_hook(self._attention_hook(group)))
         self._module = wan_video_dit
@@ -412,21 +410,14 @@ class FlopCounter:
             self.parts["linear_backward_input"] += backward_input
             self.parts["linear_backward_weight"] += backward_weight
 
-    def _linear_hook(self, group):
+    def _layer_hook(self, group):
+        """Linear or convolution: forward FLOPs from the real shapes, backward parts from autograd state."""
         def hook(module, inputs, output):
             x = inputs[0]
-            forward = 2.0 * x.numel() * module.out_features
-            in_graph = output.requires_grad
-            g_in = in_graph and x.requires_grad
-            g_w = in_graph and module.weight.requires_grad
-            self._add(group, forward, forward * g_in, forward * g_w, attention=False)
-        return hook
-
-    def _conv_hook(self, group):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            kernel = math.prod(module.kernel_size)
-            forward = 2.0 * output.numel() * (module.in_channels // module.groups) * kernel
+            if hasattr(module, "kernel_size"):  # convolution
+                forward = 2.0 * output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            else:
+                forward = 2.0 * x.numel() * module.out_features
             in_graph = output.requires_grad
             g_in = in_graph and x.requires_grad
             g_w = in_graph and module.weight.requires_grad
@@ -757,7 +748,6 @@ def run_variant(args, shape: dict, stage: str, ckpt: bool, device_str: str, driv
 
 def profile_step(step, dit, split_layer, device, directory: str, name: str, top: int = 25) -> dict:
     """One step under torch.profiler; forward ranges per module group (``fw::<group>``) via hooks."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     handles, open_ranges = [], {}

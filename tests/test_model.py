@@ -1,5 +1,4 @@
 """diffsynth/fantasy_world/model.py: the geometry branch inside model_fn_wan_video."""
-import sys
 import types
 
 import pytest
