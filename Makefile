@@ -1,4 +1,4 @@
-# The fork's interface: `make setup`, `make test`, `make smoke`, `make patches`, `make patches-check`.
+# The fork's interface: `make setup`, `make test`, `make smoke`, `make learn`, `make patches`, `make patches-check`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +13,7 @@ endif
 PATCH_FILES := $(wildcard patches/*.patch) patches/series patches/upstream.json
 PYTEST_ARGS ?=
 
-.PHONY: setup test smoke patches patches-check combined-patch clean
+.PHONY: setup test smoke learn patches patches-check combined-patch clean
 
 setup: $(VENV)/.installed $(VENV)/.materialised
 
@@ -36,6 +36,10 @@ test: setup
 
 smoke: setup
 	bash examples/wanvideo/model_training/full/test_fantasy_world_training.sh
+
+# The learning benchmark (~20 min on 2 CPU cores; not part of `make test`): outputs/learn/report.md.
+learn: setup
+	bash bench/learn.sh
 
 patches:
 	$(PYTHON) tools/fork.py export

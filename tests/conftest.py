@@ -2,6 +2,7 @@
 import shutil
 from pathlib import Path
 
+import pandas
 import pytest
 
 from diffsynth.fantasy_world.synthetic import generate_dataset
@@ -25,3 +26,21 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 def synthetic_dataset_copy(synthetic_dataset, tmp_path) -> Path:
     """A private copy of ``synthetic_dataset`` that a test may corrupt."""
     return Path(shutil.copytree(synthetic_dataset, tmp_path / "dataset"))
+
+
+@pytest.fixture(scope="session")
+def mixed_length_dataset(tmp_path_factory) -> Path:
+    """Folder whose ``metadata.csv`` lists a 5-frame clip (row 0) and two 9-frame clips (rows 1, 2), all 32x48.
+
+    Shared by the whole session: never modify it.
+    """
+    folder = tmp_path_factory.mktemp("mixed_length_dataset")
+    rows = []
+    for name, frames, count in (("short", 5, 1), ("long", 9, 2)):
+        generate_dataset(folder / name, count, frames, SYNTHETIC_HEIGHT, SYNTHETIC_WIDTH, SYNTHETIC_SEED)
+        metadata = pandas.read_csv(folder / name / "metadata.csv")
+        for key in ("video", "camera", "depth", "points"):
+            metadata[key] = name + "/" + metadata[key]
+        rows.append(metadata)
+    pandas.concat(rows).to_csv(folder / "metadata.csv", index=False)
+    return folder

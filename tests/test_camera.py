@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from diffsynth.fantasy_world.camera import (
+    FOV_EPSILON,
     cameras_from_pose_encoding,
     crop_resize_intrinsics,
     depth_to_points,
@@ -70,13 +71,14 @@ def test_camera_file_accepts_tabs_multiple_spaces_and_blank_lines(tmp_path):
 
 
 def test_camera_file_translation_is_at_flat_indices_3_7_11(tmp_path):
-    # Distinct numbers: r_ij = 10 * i + j (1-based), t_i = 100 * i.
-    matrix = "11 12 13 100 21 22 23 200 31 32 33 300"
+    # A rotation with nine distinct entries (the quaternion (1, 2, 3, 5) / sqrt(39), times 39) and t_i = 100 * i.
+    rotation = [[13, -26, 26], [34, 19, 2], [-14, 22, 29]]
+    matrix = " ".join(" ".join("%.9g" % (r / 39) for r in row) + f" {100 * (i + 1)}" for i, row in enumerate(rotation))
     path = tmp_path / "cams.txt"
     path.write_text(f"0 0.5 0.6 0.45 0.55 0 0 {matrix}\n")
     w2c, intrinsics = read_camera_file(path)
     assert w2c[0, :, 3].tolist() == [100.0, 200.0, 300.0]
-    assert w2c[0, :, :3].tolist() == [[11.0, 12.0, 13.0], [21.0, 22.0, 23.0], [31.0, 32.0, 33.0]]
+    assert torch.allclose(w2c[0, :, :3], torch.tensor(rotation, dtype=torch.float32) / 39, atol=1e-7)
     assert intrinsics[0].tolist() == pytest.approx([0.5, 0.6, 0.45, 0.55])
 
 
@@ -87,6 +89,15 @@ def test_camera_file_translation_is_at_flat_indices_3_7_11(tmp_path):
         ("0 0.5 0.5 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 zero", "non-numeric"),
         ("0 0.5 0.5 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 nan", "non-finite"),
         ("0 0.5 inf 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 0", "non-finite"),
+        ("0 0.5 0.5 0.5 0.5 0 0 1 0 0 1e39 0 1 0 0 0 0 1 0", "value out of float32 range"),
+        ("0 0 0 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 0", "focal lengths must be > 0, got fx=0, fy=0"),
+        ("0 0.5 -0.5 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 0", "focal lengths must be > 0"),
+        ("0 0.5 0.5 1.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 0", r"principal point \(cx=1.5, cy=0.5\) outside the image"),
+        ("0 0.5 0.5 0.5 -0.1 0 0 1 0 0 0 0 1 0 0 0 0 1 0", "principal point"),
+        ("0 0.5 0.5 0.5 0.5 0 0 3 0 0 0 0 3 0 0 0 0 3 0", r"the 3x3 block is not a rotation: max \|R R\^T - I\| = 8"),
+        ("0 0.5 0.5 0.5 0.5 0 0 0 0 0 0 0 0 0 0 0 0 0 0", "the 3x3 block is not a rotation"),
+        ("0 0.5 0.5 0.5 0.5 0 0 1 0.01 0 0 0 1 0 0 0 0 1 0", "the 3x3 block is not a rotation"),  # sheared
+        ("0 0.5 0.5 0.5 0.5 0 0 -1 0 0 0 0 1 0 0 0 0 1 0", "the 3x3 block has determinant -1: a reflection"),
     ],
 )
 def test_camera_file_bad_line_names_file_and_line(tmp_path, bad_line, reason):
@@ -291,3 +302,45 @@ def test_normalize_scene_first_camera_identity_and_unit_mean_norm():
 
     with pytest.raises(ValueError, match="no valid"):
         normalize_scene(w2c, depth, K, torch.zeros_like(valid))
+
+    # Overflow is caught, not masked: squared norms of 5e30 overflow float32, so the scale would be inf.
+    with pytest.raises(ValueError, match=r"scale .* is inf; it must be finite and > 0"):
+        normalize_scene(w2c, depth * 1e30, K, valid)
+    first_camera_at_origin = torch.cat([torch.eye(3, 4)[None], w2c[1:]])
+    with pytest.raises(ValueError, match=r"scale .* is 0;"):  # every point at the first camera's centre
+        normalize_scene(first_camera_at_origin, depth, K, valid, points=torch.zeros_like(world_points))
+
+
+def test_camera_file_accepts_rotations_rounded_to_four_decimals(tmp_path):
+    w2c, intrinsics = random_cameras(3, seed=4)
+    path = tmp_path / "cams.txt"
+    path.write_text("".join(
+        f"{t} " + " ".join(f"{v:.4f}" for v in intrinsics[t].tolist()) + " 0 0 " + " ".join(f"{v:.4f}" for v in w2c[t].reshape(-1).tolist()) + "\n"
+        for t in range(3)
+    ))
+    read_w2c, _ = read_camera_file(path)
+    assert torch.allclose(read_w2c, w2c, atol=1e-4)
+
+
+def test_decoding_a_degenerate_pose_encoding_stays_finite():
+    """FoV <= 0 or >= pi and a zero quaternion (what an untrained head can output) decode to usable cameras."""
+    height, width = 48, 64
+    encoding = torch.tensor([
+        [0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0],        # zero quaternion, FoV 0 and negative
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1e-12, 0.0, math.pi, 4.0],   # near-zero quaternion, FoV pi and beyond
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, math.pi / 2, math.pi / 2],  # an ordinary camera is unchanged
+    ], requires_grad=True)
+    w2c, K = cameras_from_pose_encoding(encoding, (height, width))
+    assert torch.isfinite(w2c).all() and torch.isfinite(K).all()
+    assert torch.equal(w2c[:2, :, :3], torch.eye(3).expand(2, 3, 3))
+    assert torch.equal(w2c[0, :, 3], torch.tensor([0.1, 0.2, 0.3]))
+    focal = torch.stack([K[:, 0, 0], K[:, 1, 1]], dim=-1)
+    assert (focal > 0).all()
+    narrowest = (height / 2) / math.tan(FOV_EPSILON / 2)
+    assert K[0, 1, 1].item() == pytest.approx(narrowest, rel=1e-5)  # FoV 0 -> the narrowest FoV
+    assert K[1, 1, 1].item() == pytest.approx((height / 2) * math.tan(FOV_EPSILON / 2), rel=1e-3)  # FoV pi -> the widest
+    assert torch.allclose(K[2], torch.tensor([[32.0, 0, 32], [0, 24.0, 24], [0, 0, 1]]), atol=1e-4)
+    (w2c.sum() + K.sum()).backward()
+    assert torch.isfinite(encoding.grad).all()
+    # NaN is not hidden.
+    assert torch.isnan(cameras_from_pose_encoding(torch.full((9,), float("nan")), (height, width))[0]).all()

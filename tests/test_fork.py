@@ -129,9 +129,39 @@ def test_wrong_hash_is_refused_naming_expected_and_actual(fork):
     (fork.patches / "upstream.json").write_text(json.dumps(lock))
     fork = fork_tool.Fork(root=fork.root, cache=fork.cache)
     actual = hashlib.sha256((fork.cache / "diffsynth-9.9.9.tar.gz").read_bytes()).hexdigest()
+    sdist = fork.cache / "diffsynth-9.9.9.tar.gz"
     with pytest.raises(fork_tool.ForkError) as error:
         fork_tool.fetch(fork)
-    assert f"expected {'0' * 64}" in str(error.value) and f"actual {actual}" in str(error.value)
+    message = str(error.value)
+    assert f"expected {'0' * 64}" in message and f"actual {actual}" in message
+    # The pin may be the wrong one: the message names both files and does not just say "delete the sdist".
+    lock_path = fork.patches / "upstream.json"
+    assert f"(pinned in {lock_path})" in message and f"the pinned sha256 in {lock_path} is wrong" in message
+    assert "keep the file" in message and f"or {sdist} is corrupt" in message
+    assert sdist.exists() and hashlib.sha256(sdist.read_bytes()).hexdigest() == actual  # nothing deleted
+
+
+def test_wrong_hash_of_a_fresh_download_blames_pin_or_download_and_keeps_nothing(fork, monkeypatch):
+    sdist = fork.cache / "diffsynth-9.9.9.tar.gz"
+    data = sdist.read_bytes()
+    sdist.unlink()
+    lock = json.loads((fork.patches / "upstream.json").read_text())
+    lock["sha256"] = "1" * 64
+    (fork.patches / "upstream.json").write_text(json.dumps(lock))
+    fork = fork_tool.Fork(root=fork.root, cache=fork.cache)
+
+    def fake_pip_download(cmd, **kwargs):  # `pip download ... -d <folder> diffsynth==9.9.9`
+        (Path(cmd[cmd.index("-d") + 1]) / "diffsynth-9.9.9.tar.gz").write_bytes(data)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(fork_tool.subprocess, "run", fake_pip_download)
+    with pytest.raises(fork_tool.ForkError) as error:
+        fork_tool.fetch(fork)
+    message = str(error.value)
+    assert f"expected {'1' * 64}" in message and f"actual {hashlib.sha256(data).hexdigest()}" in message
+    assert f"the pinned sha256 in {fork.patches / 'upstream.json'} is wrong" in message
+    assert "the download of diffsynth==9.9.9 was corrupted (nothing was kept" in message
+    assert not sdist.exists() and json.loads((fork.patches / "upstream.json").read_text())["sha256"] == "1" * 64
 
 
 def test_conflicting_patch_names_patch_file_and_hunk(fork):

@@ -27,6 +27,7 @@ from diffsynth.fantasy_world.inference import (
     model_configs_from_options,
     save_inference_outputs,
 )
+from diffsynth.fantasy_world.noise import final_geometry_sigma, final_geometry_timestep
 from diffsynth.fantasy_world.tiny import tiny_text_embedding
 from diffsynth.fantasy_world.visualize import read_ply
 from diffsynth.fantasy_world.weights import (
@@ -107,7 +108,7 @@ def test_pipeline_returns_video_and_geometry_of_the_tiny_configuration(pipe):
     for name in expected:
         assert geometry[name].dtype == torch.float32 and geometry[name].device.type == "cpu"
         assert torch.isfinite(geometry[name]).all()
-    assert geometry["step"] == STEPS - 1 and "by_step" not in geometry
+    assert geometry["step"] == STEPS and "by_step" not in geometry  # the final pass
     assert (geometry["depth"] > 0).all() and (geometry["depth_conf"] >= 1).all() and (geometry["points_conf"] >= 1).all()
     # Cameras decoded from the 9-d encoding: proper rotations, pixel intrinsics centred on the video.
     rotations = geometry["w2c"][:, :, :3]
@@ -120,13 +121,26 @@ def test_pipeline_returns_video_and_geometry_of_the_tiny_configuration(pipe):
     assert torch.allclose(fov_h, geometry["camera"][:, 7], atol=1e-5)
 
 
-def test_heads_run_once_on_the_conditional_pass_of_the_last_step_only(pipe, monkeypatch):
+def test_default_geometry_is_one_final_pass_on_the_final_latents(pipe, monkeypatch):
     heads = count_heads(monkeypatch, pipe)
-    flags = record_model_calls(monkeypatch, pipe)
+    calls = []
+    original = pipe.model_fn
+
+    def model_fn(**kwargs):
+        calls.append((kwargs.get("return_geometry", False), float(kwargs["timestep"]), kwargs["latents"].clone()))
+        return original(**kwargs)
+
+    decoded = []
+    original_decode = pipe.vae.decode
+    monkeypatch.setattr(pipe, "model_fn", model_fn)
+    monkeypatch.setattr(pipe.vae, "decode", lambda latents, *a, **k: decoded.append(latents.clone()) or original_decode(latents, *a, **k))
     pipe(**RUN, return_geometry=True)
     assert {name: counter.calls for name, counter in heads.items()} == {"depth": 1, "points": 1, "camera": 1}
-    # Two passes per step, conditional first: only the last step's conditional pass asks for geometry.
-    assert flags == [False, False] * (STEPS - 1) + [True, False]
+    # Two passes per denoising step without heads, then one conditional pass with them ...
+    assert [flag for flag, _, _ in calls] == [False, False] * STEPS + [True]
+    # ... on the latents that are decoded into the video, at the smallest noise level of training.
+    assert calls[-1][1] == pytest.approx(final_geometry_timestep()) and final_geometry_sigma() < 0.01
+    assert torch.equal(calls[-1][2], decoded[0])
 
 
 def test_geometry_steps_choose_where_the_heads_run(pipe, monkeypatch):
@@ -134,10 +148,14 @@ def test_geometry_steps_choose_where_the_heads_run(pipe, monkeypatch):
     flags = record_model_calls(monkeypatch, pipe)
     video, geometry = pipe(**RUN, return_geometry=True, geometry_steps=[0, -1])
     assert heads["depth"].calls == 2 and heads["camera"].calls == 2
-    assert flags == [True, False] + [False, False] * (STEPS - 2) + [True, False]
+    assert flags == [True, False] + [False, False] * (STEPS - 2) + [True, False]  # no final pass
     assert sorted(geometry["by_step"]) == [0, STEPS - 1] and geometry["step"] == STEPS - 1
     assert torch.equal(geometry["depth"], geometry["by_step"][STEPS - 1]["depth"])
     assert not torch.equal(geometry["by_step"][0]["depth"], geometry["depth"])  # another step, another input
+    flags.clear()
+    video, geometry = pipe(**RUN, return_geometry=True, geometry_steps=["final", -1])
+    assert flags == [False, False] * (STEPS - 1) + [True, False, True]
+    assert sorted(geometry["by_step"]) == [STEPS - 1, STEPS] and geometry["step"] == STEPS
 
 
 def test_without_return_geometry_the_pipeline_is_upstream(pipe, monkeypatch):
@@ -306,3 +324,20 @@ def test_cli_writes_every_file(checkpoint, tmp_path):
     assert len(points) == 300 < math.ceil(0.9 * 9 * 64)
     predicted_w2c, _ = read_camera_file(output_dir / "cameras.txt")
     assert predicted_w2c.shape == (9, 3, 4)
+
+
+def test_camera_file_that_would_make_the_condition_non_finite_is_refused(tmp_path):
+    """fx = fy = 0 used to give an all-black video and NaN cameras, and the CLI exited 0."""
+    path = tmp_path / "cameras.txt"
+    w2c, intrinsics = orbit_cameras(FRAMES)
+    intrinsics[2, :2] = 0.0
+    write_camera_file(path, w2c, intrinsics)
+    with pytest.raises(ValueError, match=r"cameras\.txt, line 3: focal lengths must be > 0, got fx=0, fy=0"):
+        camera_condition_from_file(path, FRAMES, HEIGHT, WIDTH)
+    # Every line valid, but the first camera so far away that the poses relative to it overflow float32.
+    w2c, intrinsics = orbit_cameras(FRAMES)
+    w2c[0, :, 3] = 3e38
+    write_camera_file(path, w2c, intrinsics)
+    for kind in ("plucker", "pose"):
+        with pytest.raises(ValueError, match=rf"cameras\.txt: the cameras give a non-finite {kind} condition"):
+            camera_condition_from_file(path, FRAMES, HEIGHT, WIDTH, kind=kind)

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffsynth.fantasy_world.losses import (
     camera_loss,
@@ -86,10 +85,10 @@ def test_depth_loss_hand_computed():
     pred = torch.ones(1, 2, 1, 2, 2)
     conf = torch.tensor([2.0, 1.0])[None, :, None, None, None].expand(1, 2, 1, 2, 2)
     terms = depth_loss(pred, conf, target, valid, gamma=0.2)
-    # Frame 0: s = 10 / 4 = 2.5, errors 1.5 0.5 0.5 1.5, conf 2. Frame 1: s = 6 / 3 = 2, errors 0.
-    expected_conf = (2 * (1.5 + 0.5 + 0.5 + 1.5) - 4 * 0.2 * math.log(2.0)) / 7
-    # Pixels valid in both frames: (2 - 2.5) - (2 - d0) for d0 = 1, 2, 3.
-    expected_tgm = (1.5 + 0.5 + 0.5) / 3
+    # No alignment. Frame 0: errors 0 1 2 3 at conf 2. Frame 1: errors 1 1 1 at conf 1.
+    expected_conf = (2 * (0 + 1 + 2 + 3) - 4 * 0.2 * math.log(2.0) + 3) / 7
+    # Pixels valid in both frames: (1 - 1) - (2 - d0) for d0 = 1, 2, 3.
+    expected_tgm = (1 + 0 + 1) / 3
     assert terms["depth_conf"].item() == pytest.approx(expected_conf, rel=1e-6)
     assert terms["depth_tgm"].item() == pytest.approx(expected_tgm, rel=1e-6)
     assert terms["depth"].item() == pytest.approx(expected_conf + expected_tgm, rel=1e-6)
@@ -106,31 +105,51 @@ def test_point_loss_hand_computed():
     assert terms["points_grad"].item() == pytest.approx(1.5 * 5, rel=1e-6)  # one x pair, mean conf 1.5
 
 
-def test_camera_loss_hand_computed_huber():
+def test_camera_loss_hand_computed_l1_per_part():
     pred = torch.zeros(1, 1, 9)
     target = torch.zeros(1, 1, 9)
-    target[0, 0, 2] = 0.5  # quadratic part: 0.5 * 0.5^2
-    target[0, 0, 6] = -3.0  # linear part: 3 - 0.5
-    assert camera_loss(pred, target).item() == pytest.approx((0.125 + 2.5) / 9, rel=1e-6)
+    target[0, 0, 2] = 0.03  # translation
+    target[0, 0, 6] = -0.04  # quaternion w
+    target[0, 0, 7:] = 0.1  # both fovs
+    terms = camera_loss(pred, target)
+    assert terms["camera_translation"].item() == pytest.approx(0.03 / 3, rel=1e-6)
+    assert terms["camera_rotation"].item() == pytest.approx(0.04 / 4, rel=1e-6)
+    assert terms["camera_fov"].item() == pytest.approx(0.1, rel=1e-6)
+    assert terms["camera"].item() == pytest.approx(0.01 + 0.01 + 0.5 * 0.1, rel=1e-6)
+
+
+def test_camera_loss_pulls_on_small_pose_errors():
+    # The regime of normalised poses: an L1 gradient keeps its size as the error shrinks (a Huber
+    # loss's would shrink with it: the camera term could not pull).
+    target = torch.zeros(1, 2, 9)
+    for error in (0.3, 0.01):
+        pred = torch.full((1, 2, 9), error, requires_grad=True)
+        camera_loss(pred, target)["camera"].backward()
+        assert pred.grad[0, 0, 0].item() == pytest.approx(1 / (2 * 3), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- invariances and masks
 
 
-def test_depth_loss_is_invariant_to_per_frame_scaling_of_the_prediction():
+def test_depth_loss_supervises_scale():
+    # Scenes are normalised, so depth is supervised in scene units: a prediction at the wrong scale
+    # costs, and the gradient pulls a rescaled prediction back (a per-frame least-squares
+    # alignment would leave the loss exactly invariant and the scale unsupervised).
     target = make_target()
-    pred = noisy_prediction(target)
-    scales = torch.rand(B, T, 1, 1, 1, generator=torch.Generator().manual_seed(3)) * 10 + 0.1
-    before = depth_loss(pred["depth"], pred["depth_conf"], target["depth"], target["valid"])
-    after = depth_loss(pred["depth"] * scales, pred["depth_conf"], target["depth"], target["valid"])
-    assert before["depth_conf"].item() > 0.05 and before["depth_tgm"].item() > 0.05
-    for key in before:
-        assert after[key].item() == pytest.approx(before[key].item(), rel=1e-5), key
-    # The scale is not detached: the gradient has no component along a per-frame rescaling.
-    before["depth"].backward()
-    along_scaling = (pred["depth"].grad * pred["depth"].detach()).sum(dim=(2, 3, 4))
-    assert along_scaling.abs().max() < 1e-6
-    assert pred["depth"].grad.abs().max() > 1e-3
+    exact = torch.where(target["valid"], target["depth"], 1.0)
+    conf = torch.ones_like(exact)
+    reference = depth_loss(exact, conf, target["depth"], target["valid"])
+    for scale in (2.0, 0.5):
+        scaled = (exact * scale).requires_grad_()
+        terms = depth_loss(scaled, conf, target["depth"], target["valid"])
+        assert terms["depth_conf"].item() > reference["depth_conf"].item() + 0.5, scale
+        terms["depth"].backward()
+        along_scaling = (scaled.grad * exact).sum()
+        assert (along_scaling > 0) == (scale > 1), scale  # descent moves the scale back towards 1
+    # Frame-wise drift of the scale costs too, in the temporal term.
+    drift = torch.linspace(1.0, 1.3, T)[None, :, None, None, None]
+    drifted = depth_loss(exact * drift, conf, target["depth"], target["valid"])
+    assert drifted["depth_tgm"].item() > reference["depth_tgm"].item() + 0.05
 
 
 def test_masked_out_pixels_change_nothing():
@@ -164,20 +183,24 @@ def test_camera_loss_counts_every_sample_and_frame():
     generator = torch.Generator().manual_seed(4)
     pred = torch.randn(2, 6, 9, generator=generator)
     target = torch.randn(2, 6, 9, generator=generator)
-    reference = camera_loss(pred, target)
-    assert reference.item() == pytest.approx(F.smooth_l1_loss(pred, target).item(), rel=1e-6)
+    def l1_reference(pred, target):
+        return sum(weight * (pred[..., part] - target[..., part]).abs().mean() for part, weight in
+                   ((slice(0, 3), 1.0), (slice(3, 7), 1.0), (slice(7, 9), 0.5)))
+
+    reference = camera_loss(pred, target)["camera"]
+    assert reference.item() == pytest.approx(l1_reference(pred, target).item(), rel=1e-6)
 
     moved = pred.clone()
     moved[1, 5] += 2.0
-    assert camera_loss(moved, target).item() > reference.item() + 1e-3
+    assert camera_loss(moved, target)["camera"].item() > reference.item() + 1e-3
 
     # A frame marked invalid is excluded: changing it or its (NaN) target changes nothing.
     camera_valid = torch.ones(2, 6, dtype=torch.bool)
     camera_valid[1, 5] = False
     masked_target = target.clone()
     masked_target[1, 5] = float("nan")
-    expected = F.smooth_l1_loss(pred[camera_valid], target[camera_valid])
-    assert camera_loss(moved, masked_target, camera_valid).item() == pytest.approx(expected.item(), rel=1e-6)
+    expected = l1_reference(pred[camera_valid], target[camera_valid])
+    assert camera_loss(moved, masked_target, camera_valid)["camera"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- resizing
@@ -192,8 +215,10 @@ def test_nearest_target_resize_copies_values_without_blending():
     assert resized["points"].shape == (B, T, 3, out_h, out_w)
     assert resized["valid"].dtype == torch.bool and resized["camera"] is target["camera"]
 
-    expected = F.interpolate(target["depth"].flatten(0, 1), size=(out_h, out_w), mode="nearest")
-    assert torch.equal(resized["depth"], expected.reshape(B, T, 1, out_h, out_w))
+    # The source pixel under each output pixel's centre: floor((dst + 0.5) * in / out).
+    rows = [math.floor((i + 0.5) * height / out_h) for i in range(out_h)]
+    cols = [math.floor((j + 0.5) * width / out_w) for j in range(out_w)]
+    assert torch.equal(resized["depth"], target["depth"][..., rows, :][..., cols])
     assert set(resized["depth"].unique().tolist()) <= set(target["depth"].unique().tolist())
     # Validity and points travel with the depth pixel they belong to.
     source = resized["depth"].long()
@@ -202,6 +227,15 @@ def test_nearest_target_resize_copies_values_without_blending():
         for t in range(T):
             valid_source = target["valid"][b, t, 0][source_i[b, t, 0], source_j[b, t, 0]]
             assert torch.equal(resized["valid"][b, t, 0], valid_source)
+
+
+def test_target_resize_samples_block_centres():
+    # At stride 8 each output pixel takes the pixel at offset 4 of its 8x8 block (the block centre
+    # that latents and Plücker rays refer to), not the top-left one.
+    target = make_target(height=16, width=16)
+    target["depth"] = torch.arange(16, dtype=torch.float32)[None, :].expand(16, 16).expand(B, T, 1, 16, 16)
+    resized = resize_targets_nearest(target, (2, 2))
+    assert resized["depth"][0, 0, 0].tolist() == [[4.0, 12.0], [4.0, 12.0]]
 
 
 def test_geometry_loss_resizes_high_resolution_targets():
@@ -222,7 +256,7 @@ def test_geometry_loss_weights_and_missing_heads():
     losses = geometry_loss(pred, target, depth_weight=0.5, point_weight=2.0, camera_weight=3.0)
     unweighted = depth_loss(pred["depth"], pred["depth_conf"], target["depth"], target["valid"])
     assert losses["depth"].item() == pytest.approx(0.5 * unweighted["depth"].item(), rel=1e-6)
-    unweighted_camera = camera_loss(pred["camera"], target["camera"])
+    unweighted_camera = camera_loss(pred["camera"], target["camera"])["camera"]
     assert losses["camera"].item() == pytest.approx(3.0 * unweighted_camera.item(), rel=1e-6)
     assert losses["total"].item() == pytest.approx(
         losses["depth"].item() + losses["points"].item() + losses["camera"].item(), rel=1e-6
@@ -231,7 +265,7 @@ def test_geometry_loss_weights_and_missing_heads():
     camera_only = geometry_loss({"camera": pred["camera"]}, target)
     assert camera_only["camera"].item() == pytest.approx(losses["camera"].item())
 
-    assert set(camera_only) == {"camera", "total"}
+    assert set(camera_only) == {"camera", "camera_translation", "camera_rotation", "camera_fov", "total"}
     with pytest.raises(KeyError, match="depth_conf"):
         geometry_loss({"depth": pred["depth"]}, target)
     with pytest.raises(ValueError, match="no depth, points or camera"):

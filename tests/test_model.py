@@ -131,6 +131,21 @@ def test_output_shapes_for_odd_grids_and_frame_counts(fw_dit, layout, latent_fra
     assert (geometry["depth"] > 0).all() and (geometry["depth_conf"] >= 1).all()
 
 
+def test_per_frame_camera_tokens_differ_between_frames(fw_dit, monkeypatch):
+    # Frames 1..f-1 share one token set and identity RoPE: without the slot embedding their camera
+    # tokens stayed bit-identical through every block (measured difference exactly 0).
+    dit = fw_dit(token_layout="per_frame")
+    activate_every_path(dit)
+    head = dit.fantasy_world.camera_head
+    captured, original = [], head.forward
+    monkeypatch.setattr(head, "forward", lambda tokens, video, grid: captured.append(tokens) or original(tokens, video, grid))
+    model_fn_wan_video(dit, **tiny_inputs(latent_frames=4), return_geometry=True)
+    tokens = captured[0][0]  # [slots, C]: the camera token of each latent frame after the last block
+    for a in range(1, 4):
+        for b in range(a + 1, 4):
+            assert (tokens[a] - tokens[b]).abs().max() > 1e-3, (a, b)
+
+
 @pytest.mark.parametrize("layout", ["global", "per_frame"])
 def test_camera_head_reads_the_camera_tokens(fw_dit, layout):
     dit = fw_dit(token_layout=layout)

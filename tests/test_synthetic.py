@@ -11,7 +11,15 @@ import torch
 
 from conftest import SYNTHETIC_FRAMES, SYNTHETIC_HEIGHT, SYNTHETIC_SCENES, SYNTHETIC_SEED, SYNTHETIC_WIDTH
 from diffsynth.fantasy_world.camera import intrinsics_to_matrix, read_camera_file
-from diffsynth.fantasy_world.synthetic import Quad, Scene, Sphere, Texture, generate_dataset, render_frame
+from diffsynth.fantasy_world.synthetic import (
+    HORIZONTAL_FOV_RANGE_DEGREES,
+    Quad,
+    Scene,
+    Sphere,
+    Texture,
+    generate_dataset,
+    render_frame,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,9 +125,17 @@ def test_cli_writes_a_dataset(tmp_path):
     assert np.load(out / metadata["depth"][0]).shape == (5, 16, 24)
     w2c, intrinsics = read_camera_file(out / metadata["camera"][0])
     assert w2c.shape == (5, 3, 4)
-    # 60 degree horizontal fov, centred principal point.
-    expected = torch.tensor([12 / np.tan(np.radians(30)) / 24, 12 / np.tan(np.radians(30)) / 16, 0.5, 0.5])
-    torch.testing.assert_close(intrinsics[0], expected.float())
+    # The scene's horizontal fov, square pixels, centred principal point, the same for every frame.
+    fx, fy, cx, cy = intrinsics[0].tolist()
+    fov = 2 * np.degrees(np.arctan(0.5 / fx))
+    assert HORIZONTAL_FOV_RANGE_DEGREES[0] <= fov <= HORIZONTAL_FOV_RANGE_DEGREES[1]
+    assert fx * 24 == pytest.approx(fy * 16) and (cx, cy) == (0.5, 0.5)
+    assert torch.equal(intrinsics, intrinsics[:1].expand_as(intrinsics))
+
+
+def test_scenes_draw_different_fields_of_view(synthetic_dataset):
+    fovs = {round(float(read_camera_file(path)[1][0, 0]), 6) for path in synthetic_dataset.glob("*_cameras.txt")}
+    assert len(fovs) > 1
 
 
 @pytest.mark.parametrize("height, width", [(15, 24), (16, 0)])

@@ -1,15 +1,21 @@
 """diffsynth/fantasy_world/training.py: stage freezing, resume, DDP on CPU, failure handling."""
+import argparse
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from diffsynth.fantasy_world import training
+from diffsynth.fantasy_world import training, weights
+from diffsynth.fantasy_world.dataset import BadSampleError
 from diffsynth.fantasy_world.configs import build_dit
 from diffsynth.fantasy_world.training import build_parser, freeze_for_stage, run_training
 
@@ -49,6 +55,37 @@ def test_stage_two_trains_cross_attention_and_camera_adapters():
     assert names == {n for n, _ in dit.named_parameters() if n.startswith(("fantasy_world.cross_attn.", "fantasy_world.camera_conditioning."))}
     with_geometry = set(freeze_for_stage(dit, 2, train_geometry_in_stage2=True))
     assert names < with_geometry and any(n.startswith("fantasy_world.geo_blocks.") for n in with_geometry)
+
+
+def test_geometry_is_supervised_at_low_noise_in_both_stages(train_args):
+    # Geometry read from a latent that is mostly noise can only be the training mean.
+    for stage in (1, 2):
+        args = train_args("--stage", str(stage), "--geometry_max_sigma", "0.1")
+        module = training.FantasyWorldTrainingModule(args, torch.device("cpu"))
+        sigmas = {}
+        for step in range(200):
+            timestep, weight = module.draw_timestep(training.step_generator(0, step, 0))
+            sigma = float(module.scheduler.sigmas[module.scheduler.timesteps == timestep][0])
+            assert weight == float(sigma <= 0.1), (stage, sigma, weight)
+            sigmas[step] = sigma
+        if stage == 1:  # every step at low noise, over several levels
+            assert max(sigmas.values()) <= 0.1 and len(set(sigmas.values())) > 5
+        else:  # the diffusion loss keeps the full schedule
+            assert max(sigmas.values()) > 0.9 and min(sigmas.values()) < 0.5
+
+
+def test_stage_two_adds_the_geometry_term_only_at_low_noise(train_args, synthetic_dataset, monkeypatch):
+    from diffsynth.fantasy_world.dataset import FantasyWorldDataset, collate_fantasy_world
+
+    args = train_args("--stage", "2")
+    module = training.FantasyWorldTrainingModule(args, torch.device("cpu"))
+    batch = collate_fantasy_world([FantasyWorldDataset(synthetic_dataset, num_frames=9, height=32, width=48)[0]])
+    timesteps = module.scheduler.timesteps
+    for timestep, weight in ((timesteps[:1], 0.0), (timesteps[-1:], 1.0)):
+        monkeypatch.setattr(module, "draw_timestep", lambda generator: (timestep, weight))
+        losses = module(batch, training.step_generator(0, 0, 0))
+        expected = losses["diffusion"] + weight * args.geometry_loss_lambda * losses["geometry"]
+        assert losses["geometry"].item() > 0 and losses["total"].item() == pytest.approx(expected.item())
 
 
 def test_stage_one_leaves_the_backbone_untouched_and_moves_the_branch(train_args):
@@ -196,3 +233,113 @@ def test_data_order_visits_every_sample_once_per_epoch_across_ranks():
     seen = [i for step in range(3) for rank in range(2) for i in training.sample_indices(step, rank, 2, 2, 12, seed=5)]
     assert sorted(seen) == list(range(12))
     assert training.sample_indices(3, 0, 2, 2, 12, seed=5) != training.sample_indices(0, 0, 2, 2, 12, seed=5)
+
+
+# ----------------------------------------------------------------------------- bad options, bad data, full disk
+
+VALID_ARGV = ["--dataset_base_path", "data", "--height", "32", "--width", "48", "--num_frames", "9", "--model_source", "tiny"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset_repeat", "0"], r"--dataset_repeat 0: must be >= 1"),
+    (["--max_steps", "0"], r"--max_steps 0: must be >= 1 when given"),
+    (["--save_steps", "0"], r"--save_steps 0: must be >= 1 when given"),
+    (["--batch_size", "0"], r"--batch_size 0: must be >= 1"),
+    (["--keep_checkpoints", "0"], r"--keep_checkpoints 0: must be >= 1"),
+    (["--height", "50"], r"--height 50: must be a positive multiple of 16 .*round it up to 64"),
+    (["--width", "-16"], r"--width -16: must be a positive multiple of 16"),
+    (["--num_frames", "8"], r"--num_frames 8: must be 4k\+1"),
+])
+def test_bad_options_are_refused_at_parse_time(extra, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        training.parse_args(VALID_ARGV + extra)
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    # Namespaces built in code are checked by run_training before anything is read or written.
+    args = build_parser().parse_args(VALID_ARGV + extra + ["--output_path", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=message):
+        run_training(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_bad_option_is_named_in_one_message():
+    args = build_parser().parse_args(VALID_ARGV + ["--dataset_repeat", "0", "--max_steps", "0"])
+    with pytest.raises(ValueError, match=r"--dataset_repeat 0.*\n.*--max_steps 0"):
+        training.validate_training_args(args)
+    assert training.parse_args(VALID_ARGV).height == 32
+
+
+def test_short_clips_stop_the_run_or_are_skipped_before_batching(mixed_length_dataset, tmp_path):
+    """A 5-frame clip with --num_frames 9 is an error naming it; with --skip_bad_samples and --batch_size 2 the
+    9-frame clips still batch (it used to fail with 'cannot batch ... of different shapes')."""
+    def args(*extra):
+        return build_parser().parse_args([
+            "--dataset_base_path", str(mixed_length_dataset), "--height", "32", "--width", "48", "--num_frames", "9",
+            "--model_source", "tiny", "--max_steps", "2", "--batch_size", "2", "--output_path", str(tmp_path / "run"), *extra,
+        ])
+
+    with pytest.raises(BadSampleError, match=r"row 0 \(short/scene_000\.mp4\): clip too short: .* has 5 frames, num_frames is 9"):
+        run_training(args())
+    with pytest.warns(UserWarning, match=r"skipping bad sample row 0 \(short/scene_000\.mp4\): clip too short"):
+        summary = run_training(args("--skip_bad_samples"))
+    assert summary["steps"] == 2 and list(summary["skipped_samples"]) == ["row 0 (short/scene_000.mp4)"]
+
+
+@pytest.fixture
+def checkpoint_setup(tmp_path):
+    """A stage-1 module stand-in, its optimizer and an output folder already holding checkpoint step 1."""
+    dit = fw_dit()
+    model = SimpleNamespace(dit=dit, trainable_names=freeze_for_stage(dit, 1), args=argparse.Namespace(stage=1))
+    optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-3)
+    output = tmp_path / "run"
+    training.save_checkpoint(output, model, optimizer, 1, keep=3)
+    return model, optimizer, output
+
+
+def output_files(output):
+    return {str(path.relative_to(output)): path.read_bytes() for path in sorted(output.rglob("*")) if path.is_file()}
+
+
+def failing(error):
+    def write(*args, **kwargs):
+        raise error
+    return write
+
+
+def partial_safetensors_write(tensors, filename, metadata=None):
+    Path(filename).write_bytes(b"half a file")
+    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+
+@pytest.mark.parametrize("target, writer", [
+    ("torch.save", failing(RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 4352 vs 4246\nframe #0: ..."))),
+    ("torch.save", failing(RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed"))),
+    ("torch.save", failing(OSError(errno.ENOSPC, "No space left on device"))),
+    ("safetensors", partial_safetensors_write),
+])
+def test_disk_full_during_a_checkpoint_save_says_so_and_keeps_the_previous_one(checkpoint_setup, monkeypatch, target, writer):
+    model, optimizer, output = checkpoint_setup
+    before = output_files(output)
+    if target == "torch.save":
+        monkeypatch.setattr(training.torch, "save", writer)
+    else:
+        monkeypatch.setattr(weights, "save_file", writer)
+    with pytest.raises(OSError, match=r"the disk is full: could not write checkpoint step-0000002 into .*checkpoints; "
+                                      r"removed the incomplete \.step-0000002\.tmp, the previous checkpoint .*step-0000001\) is intact") as error:
+        training.save_checkpoint(output, model, optimizer, 2, keep=3)
+    assert error.value.errno == errno.ENOSPC and "\n" not in str(error.value)
+    assert output_files(output) == before  # no staging folder or temporary file left, nothing of the last save changed
+
+
+def test_disk_full_while_writing_the_branch_weights_keeps_the_previous_file(checkpoint_setup, monkeypatch):
+    model, optimizer, output = checkpoint_setup
+    before = output_files(output)
+    real_save_file = weights.save_file
+    # The checkpoint folder's own safetensors file is written; the branch's fantasy_world.safetensors is not.
+    monkeypatch.setattr(weights, "save_file", lambda tensors, filename, metadata=None: (
+        partial_safetensors_write(tensors, filename) if "fantasy_world.safetensors" in filename else real_save_file(tensors, filename, metadata)))
+    with pytest.raises(OSError, match=r"the disk is full: could not write .*fantasy_world\.safetensors; checkpoint .*step-0000002 is complete"):
+        training.save_checkpoint(output, model, optimizer, 2, keep=3)
+    after = output_files(output)
+    assert after["fantasy_world.safetensors"] == before["fantasy_world.safetensors"]
+    assert not [name for name in after if name.endswith(".tmp")]
+    assert [p.name for p in training.checkpoint_dirs(output)] == ["step-0000001", "step-0000002"]

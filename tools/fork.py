@@ -130,14 +130,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_sdist(fork: Fork, path: Path) -> None:
+def verify_sdist(fork: Fork, path: Path, downloaded: bool = False) -> None:
+    """Refuse an sdist whose sha256 is not the one pinned in ``patches/upstream.json``.
+
+    A mismatch has two possible causes and the tool cannot tell which, so the message names both
+    files and both hashes: the pin may be wrong (then the sdist is fine and must not be deleted),
+    or the sdist may be corrupt or another release (``downloaded``: a fresh download, not kept).
+    """
     actual = sha256_file(path)
     expected = fork.lock["sha256"]
     if actual != expected:
+        spec = f"{fork.lock['name']}=={fork.lock['version']}"
+        lock_path = fork.patches / "upstream.json"
+        if downloaded:
+            file_cause = f"the download of {spec} was corrupted (nothing was kept; run `python tools/fork.py fetch` again)"
+        else:
+            file_cause = f"{path} is corrupt or not {spec} (then delete it and run `python tools/fork.py fetch` again)"
         raise ForkError(
-            f"sha256 mismatch for {path.name}: expected {expected}, actual {actual}. "
-            f"The file is not the pinned upstream {fork.lock['name']}=={fork.lock['version']}; "
-            f"delete {path} and run `python tools/fork.py fetch` again."
+            f"sha256 mismatch for {path.name}: expected {expected} (pinned in {lock_path}), actual {actual} ({path}). "
+            f"Either the pinned sha256 in {lock_path} is wrong (check it against the sdist's sha256 at "
+            f"https://pypi.org/project/{fork.lock['name']}/{fork.lock['version']}/#files and fix the pin; keep the file), "
+            f"or {file_cause}."
         )
 
 
@@ -154,7 +167,7 @@ def fetch(fork: Fork) -> Path:
             got = Path(tmp) / fork.sdist_name
             if result.returncode != 0 or not got.exists():
                 raise ForkError(f"could not download {spec}: {result.stderr.strip() or result.stdout.strip()}")
-            verify_sdist(fork, got)
+            verify_sdist(fork, got, downloaded=True)
             os.replace(got, fork.sdist_path)
     verify_sdist(fork, fork.sdist_path)
     if not (fork.pristine / PACKAGE).is_dir():

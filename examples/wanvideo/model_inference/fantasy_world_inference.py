@@ -36,6 +36,11 @@ SIZE_DEFAULTS = {"tiny": (64, 64, 9, 4), "pretrained": (480, 832, 81, 50)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def parse_geometry_steps(text: str) -> list:
+    """``"final,-1"`` -> ``["final", -1]``."""
+    return [part if part == "final" else int(part) for part in text.split(",")]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_source", choices=sorted(SIZE_DEFAULTS), default="tiny", help="Embedded tiny DiT (no download) or real Wan weights.")
@@ -54,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument("--max_points", type=int, default=100_000, help="At most this many points in the PLY (seeded random subset).")
     parser.add_argument("--confidence_threshold", type=float, default=25.0, help="Leave out points below this percentile (0-100) of the clip's point confidence (VGGT demo convention; 0 keeps all).")
+    parser.add_argument("--geometry_steps", type=parse_geometry_steps, default=["final"],
+                        help="Where the geometry is read: 'final' (default: one more pass on the final latents at the smallest noise level) "
+                             "and/or comma-separated denoising-step indices (-1: the input of the last step, the earlier behaviour).")
     parser.add_argument("--output_dir", type=str, default="outputs/fantasy_world")
     parser.add_argument("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--torch_dtype", choices=sorted(DTYPES), default=None, help="Default: float32 (tiny) or bfloat16.")
@@ -99,7 +107,7 @@ def main(argv=None) -> None:
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         height=height, width=width, num_frames=num_frames,
         num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
-        fantasy_world_camera=camera, return_geometry=True,
+        fantasy_world_camera=camera, return_geometry=True, geometry_steps=args.geometry_steps,
     )
     frames = np.stack([np.asarray(frame) for frame in video])
     paths = save_inference_outputs(

@@ -9,11 +9,11 @@
 """
 import sys
 
-from diffsynth.fantasy_world.training import NonFiniteLossError, build_parser, run_training
+from diffsynth.fantasy_world.training import NonFiniteLossError, parse_args, run_training
 
 if __name__ == "__main__":
     try:
-        run_training(build_parser().parse_args())
+        run_training(parse_args())
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
