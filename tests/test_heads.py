@@ -1,6 +1,7 @@
 """diffsynth.fantasy_world.heads: output activations stay finite and trainable everywhere; the camera head sees motion."""
 import math
 
+import pytest
 import torch
 
 from diffsynth.fantasy_world.heads import (
@@ -9,6 +10,7 @@ from diffsynth.fantasy_world.heads import (
     CameraHead,
     activate_confidence,
     activate_positive,
+    shifted_correlation,
 )
 from diffsynth.fantasy_world.losses import depth_loss
 
@@ -52,3 +54,17 @@ def test_camera_head_sees_where_content_moved():
     assert still.shape == (1, 5, 9)
     assert torch.equal(still[:, 0], moved[:, 0])  # the first frame is the reference either way
     assert (still[:, 1:] - moved[:, 1:]).abs().max() > 1e-3
+
+
+def test_shifted_correlation_peaks_at_the_motion_whatever_the_content():
+    radius = 2
+    for seed in (0, 1):
+        first = torch.randn(1, 1, 8, 6, 6, generator=torch.Generator().manual_seed(seed))
+        moved = torch.zeros_like(first)
+        moved[..., 1:, :5] = first[..., :5, 1:]  # content one cell down and one cell left
+        correlation = shifted_correlation(torch.cat([first, moved], dim=1), radius)
+        assert correlation.shape == (1, 2, (2 * radius + 1) ** 2)
+        shifts = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+        assert shifts[int(correlation[0, 0].argmax())] == (0, 0)  # the first frame against itself
+        assert correlation[0, 0].max().item() == pytest.approx(1.0, abs=1e-5)
+        assert shifts[int(correlation[0, 1].argmax())] == (1, -1)
