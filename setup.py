@@ -7,6 +7,9 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 VERSION_FILE = ROOT / "diffsynth" / "version.py"
+# A local version label added here, not by a patch: upstream's version.py stays pristine, so the fork
+# also applies onto upstream trees whose version.py says something else (git main says 2.0.0).
+FORK_SUFFIX = "+fantasyworld"
 
 if not VERSION_FILE.exists():
     sys.exit(
@@ -14,7 +17,7 @@ if not VERSION_FILE.exists():
         "(or `python tools/fork.py apply`) first, then install again."
     )
 
-version = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", VERSION_FILE.read_text()).group(1)
+version = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", VERSION_FILE.read_text()).group(1) + FORK_SUFFIX
 
 setup(
     name="diffsynth",
@@ -38,5 +41,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "tqdm", "pillow"],
+        # ZeRO launches (full/accelerate_config_zero*.yaml) only; CI never installs it.
+        "deepspeed": ["deepspeed"],
     },
 )

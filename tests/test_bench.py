@@ -1,4 +1,5 @@
-"""bench/train_step.py: one short run on the tiny DiT writes the JSON and Markdown it promises.
+"""bench/train_step.py and its modules: one short run on the tiny DiT writes the JSON and Markdown it
+promises; the FLOP counter follows the autograd state.
 
 Timings are never asserted (they depend on the machine and its load); the fields, the ratios'
 arithmetic and the FLOP count (against torch.utils.flop_counter) are.
@@ -11,9 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "train_step.py"
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.flops import FlopCounter, module_group  # noqa: E402
+from bench.variants import parse_variants, resolve_shape  # noqa: E402
 
 
 def load_bench():
@@ -24,16 +32,35 @@ def load_bench():
 
 
 def test_shapes_and_variant_selection():
-    bench = load_bench()
-    parser = bench.build_parser()
-    shape = bench.resolve_shape(parser.parse_args(["--height", "480", "--width", "832", "--num_frames", "81"]))
+    parser = load_bench().build_parser()
+    shape = resolve_shape(parser.parse_args(["--height", "480", "--width", "832", "--num_frames", "81"]))
     assert shape["latent"] == [21, 60, 104] and shape["grid"] == [21, 30, 52] and shape["tokens"] == 32760
-    shape = bench.resolve_shape(parser.parse_args(["--tokens", "2048"]))
+    shape = resolve_shape(parser.parse_args(["--tokens", "2048"]))
     assert math.prod(shape["grid"]) == 2048 and shape["num_frames"] == 4 * (shape["latent"][0] - 1) + 1
     with pytest.raises(SystemExit):
-        bench.resolve_shape(parser.parse_args(["--height", "100", "--width", "64", "--num_frames", "5"]))
-    variants = bench.parse_variants(parser.parse_args(["--variants", "stage2,plain:nockpt", "--checkpointing", "on,off"]))
+        resolve_shape(parser.parse_args(["--height", "100", "--width", "64", "--num_frames", "5"]))
+    variants = parse_variants(parser.parse_args(["--variants", "stage2,plain:nockpt", "--checkpointing", "on,off"]))
     assert variants == [("stage2", True), ("plain", False), ("stage2", False)]
+
+
+def test_flop_counter_follows_the_autograd_state():
+    # frozen (forward only) -> trained, input without grad -> frozen, gradient passes -> trained.
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4))
+    model[0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    counter = FlopCounter(model, split_layer=None, geo_length=None)
+    counter.phase = "forward"
+    loss = model(torch.randn(3, 5, 8)).sum()
+    counter.phase = "backward"
+    loss.backward()
+    counter.close()
+    forward = [2 * 15 * 8 * 16, 2 * 15 * 16 * 16, 2 * 15 * 16 * 16, 2 * 15 * 16 * 4]
+    assert counter.model_flops == forward[0] + 2 * forward[1] + 2 * forward[2] + 3 * forward[3]
+    assert counter.parts["linear_backward_weight"] == forward[1] + forward[3]
+    assert counter.parts["linear_backward_input"] == forward[2] + forward[3]
+    assert counter.recompute_flops == 0 and counter.by_group == {"dit_other": counter.model_flops}
+    assert module_group("blocks.3.self_attn.q", 2) == "video_blocks_post_split"
+    assert module_group("fantasy_world.cross_attn.0.video_from_geo.q", 2) == "cross_attn.video_from_geo"
 
 
 def test_tiny_run_writes_json_and_markdown(tmp_path):

@@ -14,7 +14,7 @@ from diffsynth.fantasy_world.heads import latent_frame_of_video_frame
 from diffsynth.fantasy_world.metrics import METRIC_KEYS
 from diffsynth.fantasy_world.noise import final_geometry_sigma
 from diffsynth.fantasy_world.synthetic import generate_dataset
-from diffsynth.fantasy_world.training import FantasyWorldTrainingModule
+from diffsynth.fantasy_world.training import build_training_module
 from diffsynth.fantasy_world.weights import save_fantasy_world_weights
 
 from conftest import SYNTHETIC_FRAMES, SYNTHETIC_HEIGHT, SYNTHETIC_WIDTH
@@ -164,7 +164,7 @@ def test_pixel_ridge_equals_the_explicit_solution_over_valid_samples(num_samples
 
 def truth_predictor(module, batch, sigma, generator):
     """A fake branch that reads its input perfectly: its prediction is the clip's own truth."""
-    latents = module.encode(batch)["latents"]
+    latents = batch["latents"]  # a model batch: the encoders already ran
     target = evaluation.clip_targets(module, batch, evaluation.prediction_size(module, latents))
     return dict(depth=target["depth"], points=target["points"], camera=target["camera"]), latents[0].float().cpu()
 
@@ -199,9 +199,9 @@ def test_next_scene_control_equals_the_model_for_an_input_independent_prediction
 @pytest.mark.parametrize("sigma", [None, 0.5])
 def test_geometry_is_read_from_latents_noised_to_sigma(eval_args, monkeypatch, sigma):
     args = eval_args() if sigma is None else eval_args("--sigma", str(sigma))
-    module = FantasyWorldTrainingModule(args, torch.device("cpu")).eval()
-    batch = collate_fantasy_world([FantasyWorldDataset(args.dataset_base_path, num_frames=args.num_frames,
-                                                       height=args.height, width=args.width)[0]])
+    module, encoder = build_training_module(args, torch.device("cpu"))
+    batch = encoder(collate_fantasy_world([FantasyWorldDataset(args.dataset_base_path, num_frames=args.num_frames,
+                                                               height=args.height, width=args.width)[0]]))
     seen = {}
     real_model_fn = evaluation.model_fn_wan_video
 
@@ -275,7 +275,8 @@ def test_a_short_stage_one_run_learns_depth_that_depends_on_the_input(learning_s
     # Learning is shown on held-out scenes, not by a falling loss: the branch's depth for a scene
     # must score clearly better than its depth for the next scene (a branch predicting the training
     # mean scores the same on both), and better than the per-pixel training mean.
-    from diffsynth.fantasy_world.training import parse_args, run_training
+    from diffsynth.fantasy_world.training import run_training
+    from diffsynth.fantasy_world.training_args import parse_args
 
     size = ["--height", "64", "--width", "64", "--num_frames", "9", "--model_source", "tiny"]
     threads = torch.get_num_threads()

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -201,10 +202,20 @@ def test_real_fork_combined_patch_applies_onto_pinned_upstream(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_import_reports_the_fork_version():
+def test_no_patch_touches_version_py():
+    """The suffix lives in setup.py: upstream's git main says 2.0.0 there, so a patched version.py
+    would make the combined patch fail on it."""
+    real = fork_tool.Fork()
+    touching = [n for n in real.series() if "diffsynth/version.py" in fork_tool.patch_files((real.patches / n).read_text())]
+    assert touching == []
+
+
+def test_setup_py_and_installed_metadata_give_upstream_version_plus_suffix():
     import importlib.metadata
 
-    import diffsynth
+    from diffsynth.version import __version__ as upstream
 
-    assert diffsynth.__version__.endswith("+fantasyworld")
-    assert importlib.metadata.version("diffsynth") == diffsynth.__version__
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == upstream + "+fantasyworld"
+    assert importlib.metadata.version("diffsynth") == upstream + "+fantasyworld"

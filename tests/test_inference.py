@@ -26,6 +26,7 @@ from diffsynth.fantasy_world.inference import (
     camera_condition_from_file,
     model_configs_from_options,
     save_inference_outputs,
+    tokenizer_config,
 )
 from diffsynth.fantasy_world.noise import final_geometry_sigma, final_geometry_timestep
 from diffsynth.fantasy_world.tiny import tiny_text_embedding
@@ -286,6 +287,42 @@ def test_real_weight_options_parse_like_training(tmp_path):
     ]
     with pytest.raises(ValueError, match="--model_paths or --model_id_with_origin_paths"):
         model_configs_from_options(None, None)
+
+
+def test_tokenizer_config_is_the_local_folder_or_upstreams_default(tmp_path):
+    assert (tokenizer_config(None).model_id, tokenizer_config(None).origin_file_pattern) == ("Wan-AI/Wan2.1-T2V-1.3B", "google/umt5-xxl/")
+    local = tokenizer_config(tmp_path)
+    assert local.path == str(tmp_path) and not local.require_downloading()
+    with pytest.raises(FileNotFoundError, match="--tokenizer_path"):
+        tokenizer_config(tmp_path / "missing")
+
+
+def test_cli_tokenizer_path_reaches_from_pretrained(checkpoint, tmp_path, monkeypatch):
+    """Local --model_paths and --tokenizer_path: from_pretrained gets both as paths, so nothing is downloaded.
+    The pipeline it returns is the weight-free tiny one, with a plain DiT as from_pretrained gives."""
+    import runpy
+
+    from diffsynth.pipelines.wan_video import WanVideoPipeline
+
+    requested = {}
+
+    def fake_from_pretrained(**kwargs):
+        requested.update(kwargs)
+        pipe = build_tiny_pipeline()
+        pipe.dit = build_dit("tiny")
+        return pipe
+
+    monkeypatch.setattr(WanVideoPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    tokenizer = tmp_path / "umt5-xxl"
+    tokenizer.mkdir()
+    runpy.run_path(str(CLI))["main"]([
+        "--model_source", "pretrained", "--model_paths", '["dit.safetensors"]', "--tokenizer_path", str(tokenizer),
+        "--fantasy_world_checkpoint", str(checkpoint), "--height", "32", "--width", "32", "--num_frames", "5",
+        "--num_inference_steps", "1", "--device", "cpu", "--torch_dtype", "float32", "--output_dir", str(tmp_path / "out"),
+    ])
+    assert [c.path for c in requested["model_configs"]] == ["dit.safetensors"]
+    assert requested["tokenizer_config"].path == str(tokenizer) and requested["tokenizer_config"].model_id is None
+    assert (tmp_path / "out" / OUTPUT_FILES["video"]).is_file()
 
 
 def test_saved_cameras_round_trip(pipe, tmp_path):

@@ -7,6 +7,7 @@ import torch
 from diffsynth.core.gradient import gradient_checkpoint as upstream_checkpoint
 from diffsynth.fantasy_world.configs import build_dit
 from diffsynth.fantasy_world.model import FantasyWorldBranch
+from diffsynth.fantasy_world.recompute import GeometryCheckpointing
 from diffsynth.pipelines.wan_video import TeaCache, model_fn_wan_video
 
 TIMESTEP = torch.tensor([400.0])
@@ -267,3 +268,104 @@ def test_frozen_video_side_skips_exactly_the_zero_gated_attention(fw_dit, monkey
     with torch.no_grad():
         dit.fantasy_world.cross_attn[1].video_from_geo.gate.zero_()
     assert torch.equal(model_fn_wan_video(build_dit("tiny"), **inputs), zero_gates)
+
+
+def use_upstream_complex_rope(monkeypatch):
+    """The geometry stream as before rope_real: complex tables and upstream's complex128 rope_apply."""
+    from diffsynth.fantasy_world import model, rope_real
+    from diffsynth.models import wan_video_dit
+
+    monkeypatch.setattr(model, "real_rope_table", lambda freqs, dtype: freqs)
+    monkeypatch.setattr(rope_real, "apply_rotary", wan_video_dit.rope_apply)
+
+
+CHECKPOINTING_PATHS = {
+    "plain": {},
+    "checkpointing": {"use_gradient_checkpointing": True},
+    "offload": {"use_gradient_checkpointing": True, "use_gradient_checkpointing_offload": True},
+}
+
+
+def assert_same_step(actual, expected, rtol, atol):
+    """Video, geometry, parameter gradients and input gradient of two run_and_collect results."""
+    torch.testing.assert_close(actual[0], expected[0], rtol=rtol, atol=atol)
+    for key in expected[1]:
+        torch.testing.assert_close(actual[1][key], expected[1][key], rtol=rtol, atol=atol, msg=key)
+    assert actual[2].keys() == expected[2].keys()
+    for key in expected[2]:
+        torch.testing.assert_close(actual[2][key], expected[2][key], rtol=rtol, atol=atol, msg=key)
+    torch.testing.assert_close(actual[3], expected[3], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("layout", ["global", "per_frame"])
+@pytest.mark.parametrize("path", list(CHECKPOINTING_PATHS))
+def test_real_rope_leaves_outputs_and_gradients_unchanged(fw_dit, monkeypatch, layout, path):
+    dit = fw_dit(token_layout=layout)
+    activate_every_path(dit)
+    inputs = tiny_inputs()
+    camera = plucker_input(inputs)
+    real = run_and_collect(dit, inputs, camera, **CHECKPOINTING_PATHS[path])
+    use_upstream_complex_rope(monkeypatch)
+    complex_rope = run_and_collect(dit, inputs, camera, **CHECKPOINTING_PATHS[path])
+    assert_same_step(real, complex_rope, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["all", "every_k:2", "none"])
+@pytest.mark.parametrize("path", ["checkpointing", "offload"])
+def test_every_checkpointing_policy_matches_the_unchecked_step(fw_dit, policy, path):
+    dit = fw_dit()
+    activate_every_path(dit)
+    inputs = tiny_inputs()
+    camera = plucker_input(inputs)
+    unchecked = run_and_collect(dit, inputs, camera)
+    dit.fantasy_world.checkpoint_policy = GeometryCheckpointing.parse(policy)
+    assert_same_step(run_and_collect(dit, inputs, camera, **CHECKPOINTING_PATHS[path]), unchecked, rtol=1e-6, atol=1e-7)
+
+
+def recomputed_branch_modules(dit, policy: str) -> set[str]:
+    """Names of the branch's modules whose forward runs again during backward (a checkpoint recomputing)."""
+    dit.fantasy_world.checkpoint_policy = GeometryCheckpointing.parse(policy)
+    phase, recomputed = ["forward"], set()
+
+    def hook(name):
+        def record(module, args, output):  # returns None: the output stays as it is
+            if phase[0] == "backward":
+                recomputed.add(name)
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in dit.fantasy_world.named_modules() if name]
+    inputs = tiny_inputs()
+    video, geometry = model_fn_wan_video(
+        dit, **{**inputs, "latents": inputs["latents"].requires_grad_(True)}, return_geometry=True,
+        fantasy_world_camera=plucker_input(inputs), use_gradient_checkpointing=True,
+    )
+    phase[0] = "backward"
+    (video.square().mean() + sum(v.square().mean() for v in geometry.values())).backward()
+    for handle in handles:
+        handle.remove()
+    return recomputed
+
+
+@pytest.mark.parametrize("policy, checkpointed_layers", [("all", {0, 1, 2}), ("every_k:2", {0, 2}), ("none", set())])
+def test_recomputation_follows_the_policy(fw_dit, policy, checkpointed_layers):
+    dit = fw_dit()
+    activate_every_path(dit)
+    recomputed = recomputed_branch_modules(dit, policy)
+    layers = {int(name.split(".")[1]) for name in recomputed}
+    assert {name.split(".")[0] for name in recomputed} <= {"geo_blocks", "cross_attn"}  # heads, camera: never
+    assert layers == checkpointed_layers
+    for layer in checkpointed_layers:
+        # Submodules, not the block itself: torch stops a recomputation early, once it has rebuilt
+        # every saved tensor, so the block's own forward never returns (and its hook never fires).
+        assert f"geo_blocks.{layer}.self_attn.q" in recomputed
+        for direction in ("geo_from_video", "video_from_geo"):
+            # Projections and gated output are rebuilt (v may be skipped: its saved input, the source's
+            # norm, is rebuilt for k already); the attention core is kept, never recomputed.
+            assert {f"cross_attn.{layer}.{direction}.{part}" for part in ("q", "k", "o")} <= recomputed
+            assert f"cross_attn.{layer}.{direction}.attn" not in recomputed
+
+
+def test_checkpoint_policy_is_a_runtime_setting_not_architecture(fw_dit):
+    dit = fw_dit()
+    assert dit.fantasy_world.checkpoint_policy == GeometryCheckpointing("all")
+    assert not any("checkpoint" in key for key in dit.fantasy_world.config)

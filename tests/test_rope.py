@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from diffsynth.fantasy_world import rope_real
 from diffsynth.fantasy_world.configs import build_dit
 from diffsynth.fantasy_world.rope import GeometryTokenLayout, extend_freqs_for_extra_tokens
 from diffsynth.models import wan_video_dit
@@ -59,32 +60,38 @@ def test_geo_block_refuses_an_unextended_table(dit):
     from diffsynth.models.wan_video_dit import GeoDiTBlock
 
     block = GeoDiTBlock(False, 64, 2, 128)
-    freqs = video_table(dit, GRID)
+    table = rope_real.real_rope_table(video_table(dit, GRID), torch.float32)
     with pytest.raises(ValueError, match=r"24 rows but the sequence has 29 tokens"):
-        block(torch.randn(1, 29, 64), torch.randn(1, 3, 64), torch.randn(1, 6, 64), freqs)
+        block(torch.randn(1, 29, 64), torch.randn(1, 3, 64), torch.randn(1, 6, 64), table)
 
 
 @pytest.mark.parametrize("layout_name", ["global", "per_frame"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_every_geometry_rope_call_uses_identity_for_extra_tokens(monkeypatch, layout_name, checkpointing):
-    """Through model_fn: each rope_apply on the geometry stream leaves extra rows as they came in."""
+    """Through model_fn: each rotation of the geometry stream leaves extra rows exactly as they came in,
+    rotates video rows as upstream's complex ``rope_apply`` would, and upstream's is never used for it."""
     dit = build_dit("tiny")
     dit.enable_fantasy_world_mode(token_layout=layout_name, split_layer=2)
     latents = torch.randn(1, 16, 2, 6, 8)
     layout = GeometryTokenLayout(layout_name, GRID, 4)
-    original = wan_video_dit.rope_apply
-    seen = []
+    original, upstream = rope_real.apply_rotary, wan_video_dit.rope_apply
+    seen, upstream_lengths = [], []
 
-    def recording_rope_apply(x, freqs, num_heads):
-        out = original(x, freqs, num_heads)
+    def recording_apply_rotary(x, table, num_heads):
+        out = original(x, table, num_heads)
         if x.shape[1] == layout.sequence_length:
-            seen.append(freqs.shape[0])
+            seen.append(table.shape[0])
             x_video, x_extra = layout.split(x)
             out_video, out_extra = layout.split(out)
-            torch.testing.assert_close(out_extra, x_extra, rtol=0, atol=1e-6)
-            torch.testing.assert_close(out_video, original(x_video, video_table(dit, GRID), num_heads), rtol=0, atol=0)
+            assert torch.equal(out_extra, x_extra)  # zeros as padding would erase these rows
+            torch.testing.assert_close(out_video, upstream(x_video, video_table(dit, GRID), num_heads), rtol=1e-5, atol=1e-6)
         return out
 
+    def recording_rope_apply(x, freqs, num_heads):
+        upstream_lengths.append(x.shape[1])
+        return upstream(x, freqs, num_heads)
+
+    monkeypatch.setattr(rope_real, "apply_rotary", recording_apply_rotary)
     monkeypatch.setattr(wan_video_dit, "rope_apply", recording_rope_apply)
     context = torch.randn(1, 5, 32)
     _, geometry = model_fn_wan_video(
@@ -95,3 +102,4 @@ def test_every_geometry_rope_call_uses_identity_for_extra_tokens(monkeypatch, la
     # 3 geometry blocks: self-attention q,k + cross-attention q (geo side) + k (geo side) each.
     assert len(seen) >= 3 * 4
     assert set(seen) == {layout.sequence_length}
+    assert upstream_lengths and set(upstream_lengths) == {24}  # only the video blocks use upstream's rotation

@@ -1,7 +1,8 @@
-"""diffsynth/fantasy_world/training.py: stage freezing, resume, DDP on CPU, failure handling."""
+"""diffsynth/fantasy_world/training.py: stage freezing, the training loop, resume, split training, DDP on CPU."""
 import argparse
 import errno
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,10 +15,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from diffsynth.fantasy_world import training, weights
+from diffsynth.fantasy_world import checkpoints, loading, training
 from diffsynth.fantasy_world.dataset import BadSampleError
 from diffsynth.fantasy_world.configs import build_dit
-from diffsynth.fantasy_world.training import build_parser, freeze_for_stage, run_training
+from diffsynth.fantasy_world.training import build_training_module, freeze_for_stage, run_training
+from diffsynth.fantasy_world.training_args import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "examples/wanvideo/model_training/train_fantasy_world.py"
@@ -61,7 +63,7 @@ def test_geometry_is_supervised_at_low_noise_in_both_stages(train_args):
     # Geometry read from a latent that is mostly noise can only be the training mean.
     for stage in (1, 2):
         args = train_args("--stage", str(stage), "--geometry_max_sigma", "0.1")
-        module = training.FantasyWorldTrainingModule(args, torch.device("cpu"))
+        module, _ = build_training_module(args, torch.device("cpu"), with_encoders=False)
         sigmas = {}
         for step in range(200):
             timestep, weight = module.draw_timestep(training.step_generator(0, step, 0))
@@ -78,8 +80,8 @@ def test_stage_two_adds_the_geometry_term_only_at_low_noise(train_args, syntheti
     from diffsynth.fantasy_world.dataset import FantasyWorldDataset, collate_fantasy_world
 
     args = train_args("--stage", "2")
-    module = training.FantasyWorldTrainingModule(args, torch.device("cpu"))
-    batch = collate_fantasy_world([FantasyWorldDataset(synthetic_dataset, num_frames=9, height=32, width=48)[0]])
+    module, encoder = build_training_module(args, torch.device("cpu"))
+    batch = encoder(collate_fantasy_world([FantasyWorldDataset(synthetic_dataset, num_frames=9, height=32, width=48)[0]]))
     timesteps = module.scheduler.timesteps
     for timestep, weight in ((timesteps[:1], 0.0), (timesteps[-1:], 1.0)):
         monkeypatch.setattr(module, "draw_timestep", lambda generator: (timestep, weight))
@@ -112,8 +114,8 @@ def test_stage_one_leaves_the_backbone_untouched_and_moves_the_branch(train_args
 
 
 def trainable_tensors(output_path):
-    newest = training.checkpoint_dirs(Path(output_path))[-1]
-    return load_file(str(newest / "trainable.safetensors")), newest
+    newest = checkpoints.checkpoint_dirs(Path(output_path))[-1]
+    return load_file(str(newest / "model.safetensors")), newest
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -136,7 +138,7 @@ def test_keeps_the_last_k_checkpoints_and_writes_logs_and_pictures(train_args):
     args = train_args("--stage", "1", "--max_steps", "4", "--save_steps", "1", "--keep_checkpoints", "2")
     run_training(args)
     out = Path(args.output_path)
-    assert [p.name for p in training.checkpoint_dirs(out)] == ["step-0000003", "step-0000004"]
+    assert [p.name for p in checkpoints.checkpoint_dirs(out)] == ["step-0000003", "step-0000004"]
     state = json.loads((out / "checkpoints/step-0000004/state.json").read_text())
     assert state["step"] == 4 and state["stage"] == 1
     assert (out / "loss.csv").read_text().count("loss/geometry") == 4
@@ -191,81 +193,142 @@ def test_a_trainable_parameter_without_gradient_is_reported(train_args, monkeypa
         run_training(train_args("--stage", "1", "--max_steps", "1"))
 
 
-def test_two_process_cpu_run_keeps_ranks_identical(synthetic_dataset, tmp_path):
+def launch_two_processes(synthetic_dataset, tmp_path, output, *extra):
     """Two processes on the CPU: `--multi_gpu` makes accelerate start them with torchrun; with no GPU it uses gloo."""
-    output = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(TRAIN_SCRIPT),
         "--dataset_base_path", str(synthetic_dataset), "--height", "32", "--width", "48", "--num_frames", "9",
-        "--model_source", "tiny", "--stage", "2", "--max_steps", "3", "--learning_rate", "1e-3", "--output_path", str(output),
+        "--model_source", "tiny", "--stage", "2", "--learning_rate", "1e-3", "--output_path", str(output), *extra,
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((output / "summary.json").read_text())
-    assert summary["ranks"] == 2 and summary["ranks_agree"] is True
     assert "find_unused_parameters" not in result.stderr
+    return json.loads((output / "summary.json").read_text())
 
 
-def test_pretrained_source_goes_through_upstream_pipeline_units(train_args, monkeypatch):
-    """Real weights: latents and text context come from the WanVideoPipeline's own units. Here the
-    pipeline is the weight-free tiny one (no download), with a plain DiT as from_pretrained gives."""
+def test_two_process_cpu_run_keeps_ranks_identical_and_resumes_exactly(synthetic_dataset, tmp_path):
+    summary = launch_two_processes(synthetic_dataset, tmp_path, tmp_path / "full", "--max_steps", "3")
+    assert summary["ranks"] == 2 and summary["ranks_agree"] is True
+    launch_two_processes(synthetic_dataset, tmp_path, tmp_path / "cut", "--max_steps", "2")
+    resumed = launch_two_processes(synthetic_dataset, tmp_path, tmp_path / "cut", "--max_steps", "3", "--resume")
+    assert resumed["start_step"] == 2 and resumed["ranks_agree"] is True
+    assert (tmp_path / "cut/loss.csv").read_text() == (tmp_path / "full/loss.csv").read_text()
+    expected, _ = trainable_tensors(tmp_path / "full")
+    got, _ = trainable_tensors(tmp_path / "cut")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.fixture
+def pretrained_stand_in(monkeypatch):
+    """``WanVideoPipeline.from_pretrained`` returning the weight-free tiny pipeline in bf16 (as real weights
+    load), with a plain DiT; records what it was asked for (no download)."""
     from diffsynth.fantasy_world.inference import build_tiny_pipeline
     from diffsynth.pipelines.wan_video import WanVideoPipeline
 
-    pipe = build_tiny_pipeline()
-    pipe.dit = build_dit("tiny")
-    requested = {}
+    requests = []
 
     def fake_from_pretrained(**kwargs):
-        requested.update(kwargs)
+        requests.append(kwargs)
+        pipe = build_tiny_pipeline(torch_dtype=torch.bfloat16)
+        pipe.dit = build_dit("tiny", dtype=torch.bfloat16)
         return pipe
 
     monkeypatch.setattr(WanVideoPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
-    summary = run_training(train_args("--model_source", "pretrained", "--model_paths", "[]", "--stage", "2", "--max_steps", "2"))
-    assert requested["model_configs"] == [] and summary["steps"] == 2
-    assert all(torch.isfinite(torch.tensor(v)).all() for v in summary["history"].values())
-    assert pipe.dit.fantasy_world is not None and pipe.torch_dtype == torch.float32
+    return requests
 
 
-def test_data_order_visits_every_sample_once_per_epoch_across_ranks():
-    seen = [i for step in range(3) for rank in range(2) for i in training.sample_indices(step, rank, 2, 2, 12, seed=5)]
-    assert sorted(seen) == list(range(12))
-    assert training.sample_indices(3, 0, 2, 2, 12, seed=5) != training.sample_indices(0, 0, 2, 2, 12, seed=5)
+def test_pretrained_source_goes_through_upstream_pipeline_units_offline_in_bf16(train_args, pretrained_stand_in, tmp_path, monkeypatch):
+    """Real weights: latents and text context come from the WanVideoPipeline's own units; the tokenizer is
+    the local --tokenizer_path; frozen models keep their bf16 on the CPU (no 2x fp32 copy of an 11 GB encoder)."""
+    tokenizer = tmp_path / "umt5-xxl"
+    tokenizer.mkdir()
+    captured = {}
+    real_build = training.build_training_module
+
+    def capture(*a, **k):
+        module, encoder = real_build(*a, **k)
+        captured.update(module=module, encoder=encoder)
+        return module, encoder
+
+    monkeypatch.setattr(training, "build_training_module", capture)
+    summary = run_training(train_args("--model_source", "pretrained", "--model_paths", "[]", "--tokenizer_path", str(tokenizer),
+                                      "--stage", "2", "--max_steps", "2"))
+    assert pretrained_stand_in[0]["model_configs"] == [] and pretrained_stand_in[0]["tokenizer_config"].path == str(tokenizer)
+    assert summary["steps"] == 2 and all(torch.isfinite(torch.tensor(v)).all() for v in summary["history"].values())
+    module, encoder = captured["module"], captured["encoder"]
+    assert encoder.pipe.torch_dtype == torch.bfloat16  # the pipeline (text encoder, VAE) was not cast
+    frozen = {p.dtype for n, p in module.dit.named_parameters() if n not in module.trainable_names}
+    assert frozen == {torch.bfloat16} and {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
 
 
-# ----------------------------------------------------------------------------- bad options, bad data, full disk
-
-VALID_ARGV = ["--dataset_base_path", "data", "--height", "32", "--width", "48", "--num_frames", "9", "--model_source", "tiny"]
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--dataset_repeat", "0"], r"--dataset_repeat 0: must be >= 1"),
-    (["--max_steps", "0"], r"--max_steps 0: must be >= 1 when given"),
-    (["--save_steps", "0"], r"--save_steps 0: must be >= 1 when given"),
-    (["--batch_size", "0"], r"--batch_size 0: must be >= 1"),
-    (["--keep_checkpoints", "0"], r"--keep_checkpoints 0: must be >= 1"),
-    (["--height", "50"], r"--height 50: must be a positive multiple of 16 .*round it up to 64"),
-    (["--width", "-16"], r"--width -16: must be a positive multiple of 16"),
-    (["--num_frames", "8"], r"--num_frames 8: must be 4k\+1"),
-])
-def test_bad_options_are_refused_at_parse_time(extra, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        training.parse_args(VALID_ARGV + extra)
-    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
-    # Namespaces built in code are checked by run_training before anything is read or written.
-    args = build_parser().parse_args(VALID_ARGV + extra + ["--output_path", str(tmp_path / "run")])
-    with pytest.raises(ValueError, match=message):
-        run_training(args)
-    assert not (tmp_path / "run").exists()
+def test_split_training_from_a_cache_equals_training_from_raw_clips(train_args, synthetic_dataset, tmp_path, monkeypatch):
+    run_training(train_args("--task", "data_process", output="cache"))
+    cache = tmp_path / "cache"
+    assert sorted(p.name for p in (cache / "samples").iterdir()) == ["000000.safetensors", "000001.safetensors", "000002.safetensors"]
+    run_training(train_args("--stage", "2", "--max_steps", "4", "--batch_size", "2", output="raw"))
+    asked = []
+    real_load_models = training.load_models
+    monkeypatch.setattr(training, "load_models", lambda args, device, with_encoders: asked.append(with_encoders) or real_load_models(args, device, with_encoders))
+    cached = train_args("--stage", "2", "--max_steps", "4", "--batch_size", "2", output="from_cache")
+    cached.dataset_base_path = str(cache)
+    run_training(cached)
+    assert asked == [False]  # no VAE, text encoder or tokenizer when training from the cache
+    assert (tmp_path / "from_cache/loss.csv").read_text() == (tmp_path / "raw/loss.csv").read_text()
+    assert load_file(str(tmp_path / "from_cache/fantasy_world.safetensors")).keys() == load_file(str(tmp_path / "raw/fantasy_world.safetensors")).keys()
+    other_size = train_args("--stage", "2", "--max_steps", "1", "--height", "64", output="bad")
+    other_size.dataset_base_path = str(cache)
+    with pytest.raises(ValueError, match=r"fantasy_world_cache\.json was encoded at another clip size: --height 64 \(cache: 32\)"):
+        run_training(other_size)
 
 
-def test_every_bad_option_is_named_in_one_message():
-    args = build_parser().parse_args(VALID_ARGV + ["--dataset_repeat", "0", "--max_steps", "0"])
-    with pytest.raises(ValueError, match=r"--dataset_repeat 0.*\n.*--max_steps 0"):
-        training.validate_training_args(args)
-    assert training.parse_args(VALID_ARGV).height == 32
+def test_split_training_with_real_weights_loads_only_the_dit(train_args, pretrained_stand_in, tmp_path):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    pretrained = ("--model_source", "pretrained", "--model_paths", "[]")
+    run_training(train_args("--task", "sft:data_process", *pretrained, "--tokenizer_path", str(tokenizer), output="cache"))
+    cached = train_args("--stage", "2", "--max_steps", "2", *pretrained, output="run")
+    cached.dataset_base_path = str(tmp_path / "cache")
+    summary = run_training(cached)
+    assert pretrained_stand_in[0]["tokenizer_config"].path == str(tokenizer)
+    assert pretrained_stand_in[1]["tokenizer_config"] is None and summary["steps"] == 2
+
+
+def test_data_loader_workers_read_the_same_batches(train_args, tmp_path):
+    run_training(train_args("--stage", "1", "--max_steps", "3", "--batch_size", "2", output="inline"))
+    run_training(train_args("--stage", "1", "--max_steps", "3", "--batch_size", "2", "--dataset_num_workers", "2", output="workers"))
+    assert (tmp_path / "workers/loss.csv").read_text() == (tmp_path / "inline/loss.csv").read_text()
+
+
+def test_max_steps_and_save_steps_count_optimizer_steps(train_args, monkeypatch):
+    micro_steps = []
+    real_generator = training.step_generator
+    monkeypatch.setattr(training, "step_generator", lambda seed, step, rank: micro_steps.append(step) or real_generator(seed, step, rank))
+    args = train_args("--stage", "1", "--gradient_accumulation_steps", "2", "--max_steps", "3", "--save_steps", "2")
+    summary = run_training(args)
+    assert micro_steps == list(range(6))
+    assert [p.name for p in checkpoints.checkpoint_dirs(Path(args.output_path))] == ["step-0000002", "step-0000003"]
+    assert len(summary["history"]["geometry"]) == 3
+
+
+def test_the_gradient_check_sees_gradients_an_engine_moves_away(train_args, monkeypatch):
+    """DeepSpeed ZeRO reduces gradients into its own buffers during backward and leaves ``.grad`` None."""
+    from accelerate import Accelerator
+
+    real_backward = Accelerator.backward
+
+    def backward_then_clear(self, loss, **kwargs):
+        real_backward(self, loss, **kwargs)
+        for parameter in self._models[0].parameters():
+            parameter.grad = None
+
+    monkeypatch.setattr(Accelerator, "backward", backward_then_clear)
+    assert run_training(train_args("--stage", "1", "--max_steps", "1"))["steps"] == 1
+
+
+# ----------------------------------------------------------------------------- bad data
 
 
 def test_short_clips_stop_the_run_or_are_skipped_before_batching(mixed_length_dataset, tmp_path):
@@ -284,62 +347,21 @@ def test_short_clips_stop_the_run_or_are_skipped_before_batching(mixed_length_da
     assert summary["steps"] == 2 and list(summary["skipped_samples"]) == ["row 0 (short/scene_000.mp4)"]
 
 
-@pytest.fixture
-def checkpoint_setup(tmp_path):
-    """A stage-1 module stand-in, its optimizer and an output folder already holding checkpoint step 1."""
-    dit = fw_dit()
-    model = SimpleNamespace(dit=dit, trainable_names=freeze_for_stage(dit, 1), args=argparse.Namespace(stage=1))
-    optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-3)
-    output = tmp_path / "run"
-    training.save_checkpoint(output, model, optimizer, 1, keep=3)
-    return model, optimizer, output
+def test_stage_two_takes_the_branch_from_the_stage_one_file_and_refuses_a_different_one(train_args):
+    stage1 = train_args("--stage", "1", "--max_steps", "1", "--split_layer", "1", "--token_layout", "per_frame", output="stage1")
+    run_training(stage1)
+    branch = str(Path(stage1.output_path) / "fantasy_world.safetensors")
+    summary = run_training(train_args("--stage", "2", "--max_steps", "1", "--fantasy_world_checkpoint", branch, output="stage2"))
+    assert json.loads((Path(summary["checkpoint"]) / "state.json").read_text())["fantasy_world_config"]["split_layer"] == 1
+    with pytest.raises(ValueError, match=r"--split_layer 2 \(the checkpoint has 1\)"):
+        run_training(train_args("--stage", "2", "--max_steps", "1", "--fantasy_world_checkpoint", branch, "--split_layer", "2", output="bad"))
 
 
-def output_files(output):
-    return {str(path.relative_to(output)): path.read_bytes() for path in sorted(output.rglob("*")) if path.is_file()}
+def test_the_small_embedded_configuration_trains(train_args):
+    summary = run_training(train_args("--model_source", "small", "--stage", "1", "--max_steps", "1"))
+    assert summary["steps"] == 1 and math.isfinite(summary["history"]["geometry"][0])
 
 
-def failing(error):
-    def write(*args, **kwargs):
-        raise error
-    return write
-
-
-def partial_safetensors_write(tensors, filename, metadata=None):
-    Path(filename).write_bytes(b"half a file")
-    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
-
-
-@pytest.mark.parametrize("target, writer", [
-    ("torch.save", failing(RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 4352 vs 4246\nframe #0: ..."))),
-    ("torch.save", failing(RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed"))),
-    ("torch.save", failing(OSError(errno.ENOSPC, "No space left on device"))),
-    ("safetensors", partial_safetensors_write),
-])
-def test_disk_full_during_a_checkpoint_save_says_so_and_keeps_the_previous_one(checkpoint_setup, monkeypatch, target, writer):
-    model, optimizer, output = checkpoint_setup
-    before = output_files(output)
-    if target == "torch.save":
-        monkeypatch.setattr(training.torch, "save", writer)
-    else:
-        monkeypatch.setattr(weights, "save_file", writer)
-    with pytest.raises(OSError, match=r"the disk is full: could not write checkpoint step-0000002 into .*checkpoints; "
-                                      r"removed the incomplete \.step-0000002\.tmp, the previous checkpoint .*step-0000001\) is intact") as error:
-        training.save_checkpoint(output, model, optimizer, 2, keep=3)
-    assert error.value.errno == errno.ENOSPC and "\n" not in str(error.value)
-    assert output_files(output) == before  # no staging folder or temporary file left, nothing of the last save changed
-
-
-def test_disk_full_while_writing_the_branch_weights_keeps_the_previous_file(checkpoint_setup, monkeypatch):
-    model, optimizer, output = checkpoint_setup
-    before = output_files(output)
-    real_save_file = weights.save_file
-    # The checkpoint folder's own safetensors file is written; the branch's fantasy_world.safetensors is not.
-    monkeypatch.setattr(weights, "save_file", lambda tensors, filename, metadata=None: (
-        partial_safetensors_write(tensors, filename) if "fantasy_world.safetensors" in filename else real_save_file(tensors, filename, metadata)))
-    with pytest.raises(OSError, match=r"the disk is full: could not write .*fantasy_world\.safetensors; checkpoint .*step-0000002 is complete"):
-        training.save_checkpoint(output, model, optimizer, 2, keep=3)
-    after = output_files(output)
-    assert after["fantasy_world.safetensors"] == before["fantasy_world.safetensors"]
-    assert not [name for name in after if name.endswith(".tmp")]
-    assert [p.name for p in training.checkpoint_dirs(output)] == ["step-0000001", "step-0000002"]
+def test_the_geometry_checkpointing_policy_reaches_the_branch(train_args):
+    module, _ = build_training_module(train_args("--geometry_checkpointing", "every_k:2"), torch.device("cpu"), with_encoders=False)
+    assert [module.dit.fantasy_world.checkpoint_policy.checkpoints(i) for i in range(4)] == [True, False, True, False]

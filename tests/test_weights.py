@@ -1,11 +1,19 @@
-"""diffsynth/fantasy_world/weights.py: FantasyWorld parameters in safetensors, and upstream loading."""
+"""diffsynth/fantasy_world/weights.py and export.py: FantasyWorld parameters in safetensors, and upstream loading."""
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.core import load_state_dict
 from diffsynth.core.loader.model import load_model
 from diffsynth.fantasy_world.configs import DIT_CONFIGS, build_dit
-from diffsynth.fantasy_world.weights import fantasy_world_state_dict, load_fantasy_world_weights, save_fantasy_world_weights
+from diffsynth.fantasy_world.export import main as export_main
+from diffsynth.fantasy_world.weights import (
+    export_full_dit,
+    fantasy_world_options,
+    fantasy_world_state_dict,
+    load_fantasy_world_weights,
+    save_fantasy_world_weights,
+)
 from diffsynth.models.wan_video_dit import WanModel
 from diffsynth.pipelines.wan_video import model_fn_wan_video
 
@@ -68,3 +76,96 @@ def test_upstream_loader_then_enable_then_restore(tmp_path, trained_branch):
     load_fantasy_world_weights(loaded, fw_path)
     for key, value in fantasy_world_state_dict(trained_branch).items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+# ----------------------------------------------------------------------------- whole-DiT files and upstream-style loading
+
+
+def test_full_export_loads_the_upstream_way_and_through_load_fantasy_world_weights(tmp_path, trained_branch):
+    path = tmp_path / "dit_fw.safetensors"
+    export_full_dit(trained_branch, path)
+    reference = model_fn_wan_video(trained_branch, **INPUTS, return_geometry=True)
+    upstream_way = build_dit("tiny", seed=7)  # other base weights: the file must replace them too
+    upstream_way.enable_fantasy_world_mode(**fantasy_world_options(path))  # the two lines of weights.py's docstring
+    upstream_way.load_state_dict(load_state_dict(str(path)))
+    ours = build_dit("tiny", seed=7)
+    load_fantasy_world_weights(ours, path)
+    for dit in (upstream_way, ours):
+        output = model_fn_wan_video(dit, **INPUTS, return_geometry=True)
+        assert torch.equal(output[0], reference[0]) and all(torch.equal(output[1][k], reference[1][k]) for k in reference[1])
+
+
+def test_export_cli_joins_the_base_dit_and_the_branch(tmp_path):
+    trained = build_dit("tiny", seed=3)  # the training run's --model_seed 3
+    trained.enable_fantasy_world_mode(split_layer=2)
+    branch = tmp_path / "fantasy_world.safetensors"
+    save_fantasy_world_weights(trained, branch)
+    output = tmp_path / "full.safetensors"
+    export_main(["--model_source", "tiny", "--model_seed", "3", "--fantasy_world_checkpoint", str(branch), "--output", str(output)])
+    assert load_state_dict(str(output)).keys() == trained.state_dict().keys()
+    assert all(torch.equal(load_state_dict(str(output))[k], v) for k, v in trained.state_dict().items())
+
+
+def test_export_cli_loads_real_weights_without_a_tokenizer(tmp_path, monkeypatch, trained_branch):
+    from diffsynth.pipelines.wan_video import WanVideoPipeline
+
+    requested = {}
+
+    def fake_from_pretrained(**kwargs):
+        requested.update(kwargs)
+        pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+        pipe.dit = build_dit("tiny", seed=1)
+        return pipe
+
+    monkeypatch.setattr(WanVideoPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    branch = tmp_path / "fantasy_world.safetensors"
+    save_fantasy_world_weights(trained_branch, branch)
+    output = tmp_path / "full.safetensors"
+    export_main(["--model_paths", '["dit.safetensors"]', "--fantasy_world_checkpoint", str(branch), "--output", str(output)])
+    assert [c.path for c in requested["model_configs"]] == ["dit.safetensors"] and requested["tokenizer_config"] is None
+    assert all(torch.equal(load_state_dict(str(output))[k], v) for k, v in trained_branch.state_dict().items())
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_branch_only_file_loaded_the_upstream_way_into_a_plain_dit_is_refused(tmp_path, trained_branch, strict):
+    path = tmp_path / "fantasy_world.safetensors"
+    save_fantasy_world_weights(trained_branch, path)
+    with pytest.raises(ValueError, match=r"only FantasyWorld branch tensors.*load_fantasy_world_weights.*diffsynth\.fantasy_world\.export"):
+        build_dit("tiny").load_state_dict(load_state_dict(str(path)), strict=strict)
+
+
+def test_a_dit_with_the_mode_takes_branch_tensors_alone(trained_branch):
+    """What resuming does (strict=False): the branch loads, the base stays."""
+    other = build_dit("tiny", seed=1)
+    other.enable_fantasy_world_mode(token_layout="per_frame", split_layer=3, init_from_video=False)
+    other.load_state_dict(fantasy_world_state_dict(trained_branch), strict=False)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in trained_branch.state_dict().items())
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_branch_tensors_into_a_dit_without_the_mode_are_refused(tmp_path, trained_branch, strict):
+    plain = build_dit("tiny")
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match=r"no FantasyWorld mode.*load_fantasy_world_weights"):
+        plain.load_state_dict(trained_branch.state_dict(), strict=strict)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in before.items())  # refused before anything was copied
+
+
+def test_the_check_reads_keys_under_the_wrappers_prefix(trained_branch):
+    """A DiT inside a training module (``pipe.dit.``): the same refusal; plain Wan keys still load."""
+    wrapper = torch.nn.Module()
+    wrapper.dit = build_dit("tiny")
+    branch_only = {"dit." + k: v for k, v in fantasy_world_state_dict(trained_branch).items()}
+    with pytest.raises(ValueError, match="only FantasyWorld branch tensors"):
+        wrapper.load_state_dict(branch_only, strict=False)
+    plain = {"dit." + k: v for k, v in build_dit("tiny", seed=5).state_dict().items()}
+    wrapper.load_state_dict(plain)
+    assert torch.equal(wrapper.dit.head.head.weight, plain["dit.head.head.weight"])
+
+
+def test_plain_wan_state_dicts_still_load_strict_and_partial():
+    source, target = build_dit("tiny", seed=2), build_dit("tiny", seed=4)
+    target.load_state_dict(source.state_dict())
+    target.load_state_dict({"head.head.bias": torch.zeros_like(source.head.head.bias)}, strict=False)
+    assert torch.equal(target.blocks[0].self_attn.q.weight, source.blocks[0].self_attn.q.weight)
+    assert not target.head.head.bias.any()

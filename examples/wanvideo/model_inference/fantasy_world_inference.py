@@ -10,8 +10,11 @@ Tiny embedded model (no download; CPU, seconds), with the checkpoint and a camer
 Real weights, with the training script's model options::
 
     python examples/wanvideo/model_inference/fantasy_world_inference.py --model_source pretrained \\
-        --model_id_with_origin_paths "Wan-AI/Wan2.1-T2V-1.3B:diffusion_pytorch_model*.safetensors,Wan-AI/Wan2.1-T2V-1.3B:models_t5_umt5-xxl-enc-bf16.pth,Wan-AI/Wan2.1-T2V-1.3B:Wan2.1_VAE.pth" \\
+        --model_id_with_origin_paths "Wan-AI/Wan2.1-T2V-1.3B:diffusion_pytorch_model*.safetensors,DiffSynth-Studio/Wan-Series-Converted-Safetensors:models_t5_umt5-xxl-enc-bf16.safetensors,DiffSynth-Studio/Wan-Series-Converted-Safetensors:Wan2.1_VAE.safetensors" \\
         --fantasy_world_checkpoint PATH/fantasy_world.safetensors --camera PATH/cameras.txt --device cuda
+
+With local files only (nothing downloaded): --model_paths '["DIT.safetensors", "T5.safetensors", "VAE.safetensors"]'
+--tokenizer_path PATH/google/umt5-xxl (the umt5 tokenizer folder).
 
 Writes into --output_dir: video.mp4, depth.mp4 (colour-mapped depth), points.ply (binary,
 confidence-filtered, at most --max_points points), cameras.txt (predicted cameras, RealEstate10K
@@ -46,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model_source", choices=sorted(SIZE_DEFAULTS), default="tiny", help="Embedded tiny DiT (no download) or real Wan weights.")
     parser.add_argument("--model_paths", type=str, default=None, help="Real weights: paths to load models, JSON list (as in training).")
     parser.add_argument("--model_id_with_origin_paths", type=str, default=None, help="Real weights: comma-separated model_id:origin_file_pattern (as in training).")
+    parser.add_argument("--tokenizer_path", type=str, default=None, help="Real weights: local folder of the umt5 tokenizer (default: upstream's download of google/umt5-xxl).")
     parser.add_argument("--fantasy_world_checkpoint", type=str, default=None, help="fantasy_world.safetensors from training. Required for real weights; tiny without it uses a freshly initialised branch.")
     parser.add_argument("--camera", type=str, default=None, help="RealEstate10K camera file conditioning the video (its first num_frames cameras).")
     parser.add_argument("--prompt", type=str, default="a quiet room with a few objects, the camera moves slowly around them")
@@ -90,7 +94,9 @@ def main(argv=None) -> None:
         pipe = build_tiny_pipeline(args.fantasy_world_checkpoint, device=args.device, torch_dtype=dtype)
     else:
         model_configs = model_configs_from_options(args.model_paths, args.model_id_with_origin_paths)
-        pipe = build_pretrained_pipeline(model_configs, args.fantasy_world_checkpoint, device=args.device, torch_dtype=dtype)
+        pipe = build_pretrained_pipeline(
+            model_configs, args.fantasy_world_checkpoint, device=args.device, torch_dtype=dtype, tokenizer_path=args.tokenizer_path
+        )
 
     # Round the size as the pipeline will, so the camera condition matches the latent grid.
     height, width, num_frames = pipe.check_resize_height_width(args.height, args.width, args.num_frames)

@@ -9,7 +9,8 @@
 """
 import sys
 
-from diffsynth.fantasy_world.training import NonFiniteLossError, parse_args, run_training
+from diffsynth.fantasy_world.training import NonFiniteLossError, run_training
+from diffsynth.fantasy_world.training_args import parse_args
 
 if __name__ == "__main__":
     try:

@@ -7,20 +7,15 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"
 DATASET="${DATASET:-data/fantasy_world}"
 OUTPUT="${OUTPUT:-./models/train/Wan2.1-T2V-1.3B_fantasy_world_stage1}"
 MODEL="Wan-AI/Wan2.1-T2V-1.3B"
+# Text encoder and VAE as upstream downloads them (it redirects the *.pth files of every Wan repo here).
+SHARED="DiffSynth-Studio/Wan-Series-Converted-Safetensors"
 
 accelerate launch "$REPO/examples/wanvideo/model_training/train_fantasy_world.py" \
   --dataset_base_path "$DATASET" \
   --height 480 --width 832 --num_frames 81 \
   --model_source pretrained \
-  --model_id_with_origin_paths "$MODEL:diffusion_pytorch_model*.safetensors,$MODEL:models_t5_umt5-xxl-enc-bf16.pth,$MODEL:Wan2.1_VAE.pth" \
+  --model_id_with_origin_paths "$MODEL:diffusion_pytorch_model*.safetensors,$SHARED:models_t5_umt5-xxl-enc-bf16.safetensors,$SHARED:Wan2.1_VAE.safetensors" \
   --stage 1 --split_layer 12 --token_layout global \
   --learning_rate 1e-5 --max_steps 20000 --save_steps 500 \
   --use_gradient_checkpointing \
   --output_path "$OUTPUT"
-
-# 14B image-to-video (the paper's base, 40 blocks, split 16) on 8 GPUs with DeepSpeed ZeRO-2:
-#   MODEL=Wan-AI/Wan2.1-I2V-14B-480P
-#   accelerate launch --config_file "$REPO/examples/wanvideo/model_training/full/accelerate_config_zero2.yaml" \
-#     "$REPO/examples/wanvideo/model_training/train_fantasy_world.py" ... \
-#     --model_id_with_origin_paths "$MODEL:diffusion_pytorch_model*.safetensors,$MODEL:models_t5_umt5-xxl-enc-bf16.pth,$MODEL:Wan2.1_VAE.pth,$MODEL:models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth" \
-#     --split_layer 16 --stage 1 --use_gradient_checkpointing_offload

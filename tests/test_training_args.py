@@ -1,0 +1,58 @@
+"""diffsynth/fantasy_world/training_args.py: option validation and where the branch's architecture comes from."""
+import re
+
+import pytest
+
+from diffsynth.fantasy_world import training_args
+from diffsynth.fantasy_world.training import run_training
+from diffsynth.fantasy_world.training_args import BRANCH_DEFAULTS, branch_options, build_parser
+
+VALID_ARGV = ["--dataset_base_path", "data", "--height", "32", "--width", "48", "--num_frames", "9", "--model_source", "tiny"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset_repeat", "0"], r"--dataset_repeat 0: must be >= 1"),
+    (["--max_steps", "0"], r"--max_steps 0: must be >= 1 when given"),
+    (["--save_steps", "0"], r"--save_steps 0: must be >= 1 when given"),
+    (["--batch_size", "0"], r"--batch_size 0: must be >= 1"),
+    (["--keep_checkpoints", "0"], r"--keep_checkpoints 0: must be >= 1"),
+    (["--keep_checkpoints", "-1"], r"--keep_checkpoints -1: must be >= 1"),
+    (["--dataset_num_workers", "-1"], r"--dataset_num_workers -1: must be >= 0"),
+    (["--geometry_checkpointing", "every_k"], r"--geometry_checkpointing every_k: every_k needs its k"),
+    (["--height", "50"], r"--height 50: must be a positive multiple of 16 .*round it up to 64"),
+    (["--width", "-16"], r"--width -16: must be a positive multiple of 16"),
+    (["--num_frames", "8"], r"--num_frames 8: must be 4k\+1"),
+])
+def test_bad_options_are_refused_at_parse_time(extra, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        training_args.parse_args(VALID_ARGV + extra)
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    # Namespaces built in code are checked by run_training before anything is read or written.
+    args = build_parser().parse_args(VALID_ARGV + extra + ["--output_path", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=message):
+        run_training(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_bad_option_is_named_in_one_message():
+    args = build_parser().parse_args(VALID_ARGV + ["--dataset_repeat", "0", "--max_steps", "0"])
+    with pytest.raises(ValueError, match=r"--dataset_repeat 0.*\n.*--max_steps 0"):
+        training_args.validate_training_args(args)
+    assert training_args.parse_args(VALID_ARGV).height == 32
+
+
+def test_branch_options_come_from_the_command_line_or_the_defaults():
+    assert branch_options(build_parser().parse_args(VALID_ARGV)) == BRANCH_DEFAULTS
+    given = branch_options(build_parser().parse_args(VALID_ARGV + ["--split_layer", "1", "--camera_condition", "none"]))
+    assert given["split_layer"] == 1 and given["camera_condition"] is None
+
+
+def test_a_checkpoint_defines_the_branch_and_a_disagreeing_option_is_refused():
+    stored = dict(BRANCH_DEFAULTS, split_layer=2, token_layout="per_frame")
+    args = build_parser().parse_args(VALID_ARGV + ["--fantasy_world_checkpoint", "stage1.safetensors"])
+    assert branch_options(args, stored) == stored  # options left out take the checkpoint's values, not the defaults
+    args = build_parser().parse_args(VALID_ARGV + ["--fantasy_world_checkpoint", "stage1.safetensors", "--split_layer", "3",
+                                                   "--token_layout", "per_frame"])
+    with pytest.raises(ValueError, match=r"stage1\.safetensors defines the branch's architecture.*--split_layer 3 \(the checkpoint has 2\)") as error:
+        branch_options(args, stored)
+    assert "token_layout" not in str(error.value)  # the same value is not a conflict
