@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffsynth.fantasy_world import rope_real
 from diffsynth.models import wan_video_dit
 
 # The formula above, as the report states it.
@@ -61,15 +62,18 @@ def module_group(name: str, split_layer: Optional[int]) -> str:
 
 
 class FlopCounter:
-    """Counts one step's model FLOPs (see the module doc) and the geometry stream's ``rope_apply`` calls.
+    """Counts one step's model FLOPs (see the module doc) and the geometry stream's RoPE rotations.
 
-    The caller sets ``phase`` to ``"forward"`` around the forward pass and ``"backward"`` around
-    ``loss.backward()``: a hooked call during backward is a checkpointed forward being recomputed.
-    ``close()`` removes the hooks and restores ``rope_apply``.
+    The geometry stream (its self-attention, and its side of both cross-attention directions)
+    rotates q/k with ``rope_real.apply_rotary``; the video stream's own blocks use upstream's
+    ``rope_apply`` and are not counted. The caller sets ``phase`` to ``"forward"`` around the
+    forward pass and ``"backward"`` around ``loss.backward()``: a call during backward is a
+    checkpointed forward being recomputed (the rotation's own backward does not call
+    ``apply_rotary``). ``close()`` removes the hooks and restores ``apply_rotary``.
     """
 
     def __init__(self, model: nn.Module, split_layer: Optional[int], geo_length: Optional[int]):
-        """``geo_length``: tokens of the geometry stream, which tells its ``rope_apply`` calls apart (None: plain)."""
+        """``geo_length``: tokens of the geometry stream, which tells its rotations apart (None: plain)."""
         self.phase = "off"
         self.model_flops = 0.0
         self.recompute_flops = 0.0
@@ -88,15 +92,16 @@ class FlopCounter:
                 self._handles.append(module.register_forward_hook(self._layer_hook(group)))
             elif isinstance(module, wan_video_dit.AttentionModule):
                 self._handles.append(module.register_forward_hook(self._attention_hook(group)))
-        # rope_apply is a module-level function, not a module: it is counted by swapping it.
-        self._rope = wan_video_dit.rope_apply
-        wan_video_dit.rope_apply = self._counting_rope_apply
+        # apply_rotary is a module-level function, not a module: it is counted by swapping it (the
+        # geometry modules call it through the module, ``rope_real.apply_rotary``).
+        self._rotary = rope_real.apply_rotary
+        rope_real.apply_rotary = self._counting_apply_rotary
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        wan_video_dit.rope_apply = self._rope
+        rope_real.apply_rotary = self._rotary
 
     def as_dict(self) -> dict:
         """The record's ``flops`` entry: totals, parts and groups (``hardware`` = model + recompute)."""
@@ -107,7 +112,7 @@ class FlopCounter:
             parts=self.parts, by_group=self.by_group, recompute_by_group=self.recompute_by_group,
         )
 
-    def _counting_rope_apply(self, x: torch.Tensor, freqs: torch.Tensor, num_heads: int) -> torch.Tensor:
+    def _counting_apply_rotary(self, x: torch.Tensor, table: torch.Tensor, num_heads: int) -> torch.Tensor:
         if self.geo_length is not None and x.shape[1] == self.geo_length:
             if self.phase == "forward":
                 self.rope_calls["forward"] += 1
@@ -115,7 +120,7 @@ class FlopCounter:
                     self.rope_calls["forward_needing_grad"] += 1
             elif self.phase == "backward":
                 self.rope_calls["recompute"] += 1
-        return self._rope(x, freqs, num_heads)
+        return self._rotary(x, table, num_heads)
 
     def _add(self, group: str, forward: float, backward_input: float, backward_weight: float, attention: bool) -> None:
         if self.phase == "backward":  # a checkpointed module's forward, repeated during backward

@@ -7,38 +7,50 @@ import torch
 
 from bench.measure import time_call
 from bench.variants import model_config, resolve_dtype
+from diffsynth.fantasy_world import rope_real
 from diffsynth.fantasy_world.rope import GeometryTokenLayout
 from diffsynth.models import wan_video_dit
 
 ROPE_METHOD = (
-    "standalone timings (median): the table extension once per forward; rope_apply forward (and "
-    "backward) on the extra rows alone, times the number of geometry-stream rope_apply calls counted in "
-    "the step (forward, recomputation by checkpointing, backward for those needing a gradient). "
-    "Standalone calls include per-call overhead the fused full-sequence call does not pay, so this is "
-    "an upper bound; proportional = full-sequence rope time x extra/geo_tokens, the lower estimate."
+    "standalone timings (median): the geometry stream's table build once per forward (extension by identity "
+    "rows + conversion to the real (cos, sin) table in the compute dtype); rope_real.apply_rotary forward (and "
+    "backward) on the extra rows alone, times the number of geometry-stream apply_rotary calls counted in the "
+    "step (forward, recomputation by checkpointing, backward for those needing a gradient). Standalone calls "
+    "include per-call overhead the fused full-sequence call does not pay, and the whole table build is "
+    "charged, so this is an upper bound; proportional = full-sequence rotation time x extra/geo_tokens, the "
+    "lower estimate."
 )
 
 
-def measure_rope_extra(args: argparse.Namespace, shape: dict, device_str: str) -> dict:
-    """Time the identity-table extension and the rotation of the extra (camera/register) rows.
+def _video_freqs(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Upstream's complex 3D RoPE table of the video tokens on the ``(f, h, w)`` grid: ``[f*h*w, 1, head_dim/2]``."""
+    f, h, w = grid
+    f_table, h_table, w_table = wan_video_dit.precompute_freqs_cis_3d(head_dim)
+    return torch.cat([
+        f_table[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+        h_table[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+        w_table[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, 1, -1).to(device)
 
-    The video tokens' RoPE table is upstream's 3D table on the ``(f, h, w)`` grid; the extra rows
-    are ``(B, extra, dim)`` inputs rotated by the identity rows of the extended table. Seconds per
-    call (median); backward = forward + backward minus forward.
+
+def measure_rope_extra(args: argparse.Namespace, shape: dict, device_str: str) -> dict:
+    """Time the geometry stream's table build and the rotation of its extra (camera/register) rows.
+
+    The rotation is the geometry stream's, ``rope_real.apply_rotary`` in the compute dtype; the
+    extra rows are ``(B, extra, dim)`` inputs rotated by the identity rows of the extended table.
+    Seconds per call (median); backward = forward + backward minus forward.
     """
     device = torch.device(device_str)
     cfg = model_config(args)
     heads, dim = cfg["num_heads"], cfg["dim"]
     compute_dtype = torch.bfloat16 if resolve_dtype(args, device.type) == "bf16" else torch.float32
-    f, h, w = shape["grid"]
-    f_table, h_table, w_table = wan_video_dit.precompute_freqs_cis_3d(dim // heads)
-    freqs = torch.cat([
-        f_table[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-        h_table[:h].view(1, h, 1, -1).expand(f, h, w, -1),
-        w_table[:w].view(1, 1, w, -1).expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, 1, -1).to(device)
+    freqs = _video_freqs(dim // heads, tuple(shape["grid"]), device)
     layout = GeometryTokenLayout(args.token_layout, tuple(shape["grid"]), args.num_register_tokens)
-    table = layout.extend_freqs(freqs)
+
+    def build_table() -> torch.Tensor:  # as FantasyWorldRun does once per forward
+        return rope_real.real_rope_table(layout.extend_freqs(freqs), compute_dtype)
+
+    table = build_table()
     extra = layout.num_extra_tokens
     batch = args.batch
     # The extra rows of the table, in their sequence positions (identity rotations).
@@ -51,27 +63,26 @@ def measure_rope_extra(args: argparse.Namespace, shape: dict, device_str: str) -
     repeats = 20 if device.type == "cuda" else 7
     inner = 20 if device.type == "cuda" else 5
 
-    def rope_forward():
+    def rotate_extra():
         with torch.no_grad():
-            return wan_video_dit.rope_apply(x_extra, extra_rows, heads)
+            return rope_real.apply_rotary(x_extra, extra_rows, heads)
 
-    def rope_forward_backward():
-        out = wan_video_dit.rope_apply(x_extra, extra_rows, heads)
-        out.backward(grad_extra)
+    def rotate_extra_with_backward():
+        rope_real.apply_rotary(x_extra, extra_rows, heads).backward(grad_extra)
 
-    def rope_full_forward():
+    def rotate_full():
         with torch.no_grad():
-            return wan_video_dit.rope_apply(x_full, table, heads)
+            return rope_real.apply_rotary(x_full, table, heads)
 
-    t_extend = time_call(lambda: layout.extend_freqs(freqs), device, repeats, inner)
-    t_fwd = time_call(rope_forward, device, repeats, inner)
-    t_fwd_bwd = time_call(rope_forward_backward, device, repeats, inner)
-    t_full = time_call(rope_full_forward, device, repeats, max(1, inner // 5))
+    t_table = time_call(build_table, device, repeats, inner)
+    t_fwd = time_call(rotate_extra, device, repeats, inner)
+    t_fwd_bwd = time_call(rotate_extra_with_backward, device, repeats, inner)
+    t_full = time_call(rotate_full, device, repeats, max(1, inner // 5))
     return dict(
         extra_tokens=extra, geo_tokens=layout.sequence_length, video_tokens=layout.num_video_tokens,
-        table_extension_s=t_extend, rope_extra_rows_forward_s=t_fwd,
-        rope_extra_rows_backward_s=max(0.0, t_fwd_bwd - t_fwd), rope_full_geo_forward_s=t_full,
-        method=ROPE_METHOD,
+        rotation="diffsynth.fantasy_world.rope_real.apply_rotary", table_build_s=t_table,
+        rope_extra_rows_forward_s=t_fwd, rope_extra_rows_backward_s=max(0.0, t_fwd_bwd - t_fwd),
+        rope_full_geo_forward_s=t_full, method=ROPE_METHOD,
     )
 
 

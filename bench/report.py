@@ -123,6 +123,7 @@ def _header(report: dict, scale: float, unit: str) -> list[str]:
             f"- FantasyWorld: split {fw['split_layer']}, layout {fw['token_layout']}, {fw['extra_tokens']} extra tokens, "
             f"cross-attention {fw['cross_attn_heads']} heads, camera {fw['camera_condition']}"
             + (f" (adapters on video blocks {_ranges(fw.get('camera_adapter_blocks') or [])})" if fw.get("camera_condition") else "")
+            + f"; geometry checkpointing {settings['geometry_checkpointing']} (with ckpt on)"
             + "; losses: " + "; ".join(f"{stage}: {loss}" for stage, loss in _losses(report).items())
         )
     if report.get("matmul_rate"):
@@ -171,8 +172,8 @@ def _rope_lines(report: dict) -> list[str]:
     rope = report.get("rope")
     if not rope:
         return []
-    lines = ["", f"Extra-token RoPE ({rope['extra_tokens']} extra of {rope['geo_tokens']:,} geometry tokens): table "
-             f"extension {rope['table_extension_s'] * 1e3:.3f} ms, rope_apply on the extra rows {rope['rope_extra_rows_forward_s'] * 1e3:.3f} ms "
+    lines = ["", f"Extra-token RoPE ({rope['extra_tokens']} extra of {rope['geo_tokens']:,} geometry tokens): geometry "
+             f"table build {rope['table_build_s'] * 1e3:.3f} ms, apply_rotary on the extra rows {rope['rope_extra_rows_forward_s'] * 1e3:.3f} ms "
              f"forward / {rope['rope_extra_rows_backward_s'] * 1e3:.3f} ms backward (full geometry sequence "
              f"{rope['rope_full_geo_forward_s'] * 1e3:.3f} ms forward)."]
     for r in report["results"]:
@@ -180,7 +181,7 @@ def _rope_lines(report: dict) -> list[str]:
             e = r["rope_extra"]
             c = e["calls"]
             lines.append(f"- {r['name']}: {c['forward']} + {c['recompute']} (recomputed) forward and "
-                         f"{c['forward_needing_grad']} backward geometry-stream rope_apply calls per step -> "
+                         f"{c['forward_needing_grad']} backward geometry-stream apply_rotary calls per step -> "
                          f"{e['seconds_upper'] * 1e3:.3f} ms = {100 * e['share_upper']:.4f}% of the step (upper bound; "
                          f"proportional estimate {100 * e['share_proportional']:.5f}%)")
     return lines
@@ -189,7 +190,7 @@ def _rope_lines(report: dict) -> list[str]:
 def _targets_table(report: dict) -> list[str]:
     if not report.get("targets"):
         return []
-    lines = ["", "| target (issue 7) | value | status |", "|---|---:|---|"]
+    lines = ["", "| target (issues 7, 13) | value | status |", "|---|---:|---|"]
     for t in report["targets"]:
         if "value" not in t:
             lines.append(f"| {t['target']} | - | {t['status']} ({t.get('note', '')}) |")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bench.flops import FlopCounter, check_with_flop_counter_mode, meta_values_read_as_zero
 from bench.measure import peak_memory, rss_bytes, sequential_driver, step_stats, sync
 from bench.profiling import profile_step
-from bench.variants import fw_options, model_config, new_record, resolve_dtype
+from bench.variants import fw_options, geometry_checkpointing, model_config, new_record, resolve_dtype
 from diffsynth.fantasy_world.configs import build_dit
 from diffsynth.fantasy_world.model import enable_fantasy_world_mode
 from diffsynth.fantasy_world.rope import GeometryTokenLayout
@@ -79,6 +79,7 @@ def _build_dit(args: argparse.Namespace, shape: dict, stage: str, device: torch.
     if stage != "plain":
         with torch.device(device):  # build the branch where it runs (no CPU init of a large branch)
             branch = enable_fantasy_world_mode(dit, **fw_options(args))
+        branch.checkpoint_policy = geometry_checkpointing(args)
         split_layer = branch.split_layer
         layout = GeometryTokenLayout(branch.token_layout, tuple(shape["grid"]), branch.num_register_tokens)
         geo_length = layout.sequence_length

@@ -22,8 +22,8 @@ On CPU every variant lives in its own forked worker and the timed steps go round
 workers (``--isolate interleave``), so a change in the machine's load hits all variants alike; on
 CUDA the variants run one after another in this process. ``--device meta`` only counts FLOPs
 (shapes without data), for any configuration and size, in seconds. Also: the extra-token RoPE
-cost (identity-table extension + rotation of the camera/register rows) as a share of the
-FantasyWorld step, and the targets of issue 7. Writes ``<out>.json`` and ``<out>.md``.
+cost (the geometry table build + ``rope_real.apply_rotary`` on the camera/register rows) as a share
+of the FantasyWorld step, and the targets of issues 7 and 13. Writes ``<out>.json`` and ``<out>.md``.
 
 Model FLOPs (no recomputation) are counted by hooks on the first warm-up step: ``bench/flops.py``
 has the formula. The modules next to this script: ``variants.py`` (what is measured), ``step.py``
@@ -50,8 +50,8 @@ if str(REPO_ROOT) not in sys.path:  # bench/ is not an installed package
 # Only torch-free modules here: --help and argument errors stay fast (the rest is imported in main).
 from bench.report import SCHEMA, write_partial, write_report  # noqa: E402
 from bench.variants import (  # noqa: E402
-    fw_options, model_config, parse_overrides, parse_variants, resolve_dtype, resolve_shape, rope_coverage_problem,
-    variant_name,
+    fw_options, geometry_checkpointing, model_config, parse_overrides, parse_variants, resolve_dtype, resolve_shape,
+    rope_coverage_problem, variant_name,
 )
 
 
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", default="plain,stage1,stage2",
                         help="comma list from plain, stage1, stage2; an entry may pin checkpointing, e.g. stage2:ckpt")
     parser.add_argument("--checkpointing", default="on,off", help="gradient checkpointing settings to run: on, off or on,off")
+    parser.add_argument("--geometry_checkpointing", default="all", metavar="POLICY",
+                        help="with checkpointing on, which geometry layers (geometry block + cross-attention of that "
+                             "depth) recompute, the branch's checkpoint_policy: all, none or every_k:K (layers 0, K, 2K, ...)")
     parser.add_argument("--isolate", default="auto", choices=("auto", "interleave", "fork", "none"),
                         help="interleave: one forked worker per variant, all alive, timed steps taken round-robin (CPU; "
                              "robust to load changes, peak RSS per variant); fork: forked workers one after another; "
@@ -114,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--cross_attn_heads", type=int, default=None, help="cross-attention heads (default: a quarter of the DiT's)")
     fw.add_argument("--camera_condition", default="plucker", choices=("plucker", "pose", "none"))
     fw.add_argument("--camera_adapter_blocks", default=None,
-                    help="video blocks with a camera adapter: comma list of indices, 'pre' (the video-only blocks, the "
-                         "default) or 'post' (the blocks after the split)")
+                    help="video blocks with a camera adapter: comma list of indices, 'pre' (every video-only block) or "
+                         "'post' (the blocks after the split); default: the branch's (the last video-only block)")
     fw.add_argument("--head_features", type=int, default=None)
     fw.add_argument("--head_resolution_factor", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -180,6 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bench.provenance import load_average, machine_info, source_info
 
     cfg = model_config(args)
+    geometry_checkpointing(args)  # a bad policy fails here, not in every variant
     problem = rope_coverage_problem(cfg["dim"], cfg["num_heads"])
     if problem:
         raise SystemExit(f"--config {args.config}: {problem}")
@@ -202,7 +206,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings=dict(device=device_str, dtype=dtype_name, frozen_dtype=args.frozen_dtype, batch=args.batch,
                       text_len=args.text_len, steps=args.steps, warmup=max(1, args.warmup), seed=args.seed, lr=args.lr,
                       optimizer="torch.optim.AdamW (defaults)", geo_weight=args.geo_weight, isolate=isolate,
-                      rounds=max(1, args.rounds), fantasy_world_options=fw_options(args)),
+                      rounds=max(1, args.rounds), fantasy_world_options=fw_options(args),
+                      geometry_checkpointing=args.geometry_checkpointing),
         flop_formula=FLOP_FORMULA,
         results=[],
     )

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # imported where used: this module stays torch-free
+    from diffsynth.fantasy_world.recompute import GeometryCheckpointing
 
 STAGES = ("plain", "stage1", "stage2")
 CKPT_NAMES = {True: "ckpt", False: "nockpt"}
@@ -146,6 +149,15 @@ def resolve_dtype(args: argparse.Namespace, device_type: str) -> str:
     return "bf16" if device_type == "cuda" else "fp32"
 
 
+def geometry_checkpointing(args: argparse.Namespace) -> GeometryCheckpointing:
+    """``--geometry_checkpointing`` as the branch's ``GeometryCheckpointing`` policy (exits on a bad spec)."""
+    from diffsynth.fantasy_world.recompute import GeometryCheckpointing
+    try:
+        return GeometryCheckpointing.parse(args.geometry_checkpointing)
+    except ValueError as error:
+        raise SystemExit(f"--geometry_checkpointing: {error}") from None
+
+
 def fw_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of ``enable_fantasy_world_mode`` from the FantasyWorld options."""
     options: dict[str, Any] = dict(token_layout=args.token_layout, num_register_tokens=args.num_register_tokens)
@@ -154,16 +166,21 @@ def fw_options(args: argparse.Namespace) -> dict:
         if value is not None:
             options[key] = value
     options["camera_condition"] = None if args.camera_condition == "none" else args.camera_condition
-    blocks = args.camera_adapter_blocks
-    if blocks and blocks != "pre" and options["camera_condition"] is not None:
-        if blocks == "post":
-            from diffsynth.fantasy_world.model import default_split_layer
-            num_layers = model_config(args)["num_layers"]
-            split = args.split_layer if args.split_layer is not None else default_split_layer(num_layers)
-            options["camera_adapter_blocks"] = list(range(split, num_layers))
-        else:
-            try:
-                options["camera_adapter_blocks"] = [int(b) for b in blocks.split(",") if b.strip()]
-            except ValueError:
-                raise SystemExit(f"--camera_adapter_blocks takes pre, post or a comma list of indices, got {blocks!r}") from None
+    if args.camera_adapter_blocks and options["camera_condition"] is not None:
+        options["camera_adapter_blocks"] = _adapter_blocks(args)
     return options
+
+
+def _adapter_blocks(args: argparse.Namespace) -> list[int]:
+    """``--camera_adapter_blocks``: ``pre`` (the video-only blocks), ``post`` (the blocks after the
+    split) or a comma list of block indices."""
+    spec = args.camera_adapter_blocks
+    if spec in ("pre", "post"):
+        from diffsynth.fantasy_world.model import default_split_layer
+        num_layers = model_config(args)["num_layers"]
+        split = args.split_layer if args.split_layer is not None else default_split_layer(num_layers)
+        return list(range(split)) if spec == "pre" else list(range(split, num_layers))
+    try:
+        return [int(b) for b in spec.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--camera_adapter_blocks takes pre, post or a comma list of indices, got {spec!r}") from None

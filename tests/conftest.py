@@ -6,6 +6,7 @@ import pandas
 import pytest
 
 from diffsynth.fantasy_world.synthetic import generate_dataset
+from diffsynth.fantasy_world.training_args import build_parser
 
 # Small but non-trivial: 9 = 4*2+1 frames, and a 2:3 aspect ratio so that cover crops really crop.
 SYNTHETIC_SCENES, SYNTHETIC_FRAMES, SYNTHETIC_HEIGHT, SYNTHETIC_WIDTH, SYNTHETIC_SEED = 3, 9, 32, 48, 0
@@ -44,3 +45,15 @@ def mixed_length_dataset(tmp_path_factory) -> Path:
         rows.append(metadata)
     pandas.concat(rows).to_csv(folder / "metadata.csv", index=False)
     return folder
+
+
+@pytest.fixture
+def train_args(synthetic_dataset, tmp_path):
+    """``train_args(*extra, output="run")``: the trainer's options for ``synthetic_dataset`` on the tiny model,
+    writing into ``tmp_path / output``."""
+    def make(*extra, output="run"):
+        return build_parser().parse_args([
+            "--dataset_base_path", str(synthetic_dataset), "--height", "32", "--width", "48", "--num_frames", "9",
+            "--model_source", "tiny", "--learning_rate", "1e-3", "--output_path", str(tmp_path / output), *extra,
+        ])
+    return make

@@ -16,17 +16,6 @@ from diffsynth.fantasy_world.checkpoints import (
     NonFiniteWeightsError, OutputFolderBusyError, TrainingCheckpoints, checkpoint_dirs, output_folder_lock,
 )
 from diffsynth.fantasy_world.training import build_training_module, make_accelerator, run_training
-from diffsynth.fantasy_world.training_args import build_parser
-
-
-@pytest.fixture
-def train_args(synthetic_dataset, tmp_path):
-    def make(*extra, output="run"):
-        return build_parser().parse_args([
-            "--dataset_base_path", str(synthetic_dataset), "--height", "32", "--width", "48", "--num_frames", "9",
-            "--model_source", "tiny", "--learning_rate", "1e-3", "--output_path", str(tmp_path / output), *extra,
-        ])
-    return make
 
 
 @pytest.fixture

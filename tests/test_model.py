@@ -184,6 +184,13 @@ def test_default_split_is_forty_percent():
     assert len(FantasyWorldBranch(dit).geo_blocks) == 3
 
 
+def test_default_camera_adapter_is_on_the_last_video_only_block():
+    # Earlier adapters put the whole video stack into stage 2's backward pass (docs/benchmarks.md, issue 13).
+    assert FantasyWorldBranch(build_dit("tiny")).config["camera_adapter_blocks"] == [1]
+    assert FantasyWorldBranch(build_dit("tiny"), split_layer=4).camera_conditioning.video_blocks == (3,)
+    assert FantasyWorldBranch(build_dit("tiny"), split_layer=0).config["camera_adapter_blocks"] == []
+
+
 @pytest.mark.parametrize("options, message", [
     ({"split_layer": 5}, "split_layer"),
     ({"token_layout": "diagonal"}, "token_layout"),

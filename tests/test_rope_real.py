@@ -22,11 +22,12 @@ def video_freqs(grid=GRID):
 
 
 @pytest.mark.parametrize("layout_name", ["global", "per_frame"])
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+# bf16: inputs up to ~12 have a spacing of 2**-4 there, so one rounding step may differ from upstream's complex128.
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -4)])
 def test_matches_upstream_on_video_rows_and_is_exactly_identity_on_extra_rows(layout_name, dtype, tolerance):
     layout = GeometryTokenLayout(layout_name, GRID, num_register_tokens=4)
     freqs = layout.extend_freqs(video_freqs())
-    x = (3 * torch.randn(2, layout.sequence_length, HEADS * HEAD_DIM)).to(dtype)
+    x = (3 * torch.randn(2, layout.sequence_length, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(0))).to(dtype)
     out = apply_rotary(x, real_rope_table(freqs, dtype), HEADS)
     assert out.dtype == dtype
     # A wrong channel pairing or sign would be off by O(1), far outside either tolerance.

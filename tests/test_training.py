@@ -1,21 +1,16 @@
 """diffsynth/fantasy_world/training.py: stage freezing, the training loop, resume, split training, DDP on CPU."""
-import argparse
-import errno
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from diffsynth.fantasy_world import checkpoints, loading, training
+from diffsynth.fantasy_world import checkpoints, training
 from diffsynth.fantasy_world.dataset import BadSampleError
 from diffsynth.fantasy_world.configs import build_dit
 from diffsynth.fantasy_world.training import build_training_module, freeze_for_stage, run_training
@@ -23,16 +18,6 @@ from diffsynth.fantasy_world.training_args import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "examples/wanvideo/model_training/train_fantasy_world.py"
-
-
-@pytest.fixture
-def train_args(synthetic_dataset, tmp_path):
-    def make(*extra, output="run"):
-        return build_parser().parse_args([
-            "--dataset_base_path", str(synthetic_dataset), "--height", "32", "--width", "48", "--num_frames", "9",
-            "--model_source", "tiny", "--learning_rate", "1e-3", "--output_path", str(tmp_path / output), *extra,
-        ])
-    return make
 
 
 def fw_dit():
