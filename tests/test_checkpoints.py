@@ -6,6 +6,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -163,3 +164,17 @@ def test_the_loss_log_and_summary_cover_the_whole_run_across_resumes(train_args)
     assert summary["start_step"] == 2 and len(summary["history"]["geometry"]) == 3
     full = Path(train_args(output="full").output_path)
     assert (output / "loss.csv").read_text() == (full / "loss.csv").read_text()
+
+
+def test_under_a_sharding_engine_the_branch_file_is_gathered_from_the_engine(train_args):
+    """DeepSpeed ZeRO-3 / FSDP hold only shards locally: the branch file comes from accelerate's gathered state dict."""
+    args = train_args("--stage", "1")
+    model, _ = build_training_module(args, torch.device("cpu"), with_encoders=False)
+    gathered = {f"dit.{key}": torch.full_like(value, 7.0) for key, value in model.dit.state_dict().items()}
+    engine = SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP"), is_main_process=True,
+                             register_save_state_pre_hook=lambda hook: None, get_state_dict=lambda wrapped: gathered)
+    saver = TrainingCheckpoints(engine, model, Path(args.output_path))
+    saver.save_branch(wrapped=None, checkpoint=Path("step-0000001"))
+    saved = weights.read_fantasy_world_file(Path(args.output_path) / "fantasy_world.safetensors")[0]
+    assert saved.keys() == weights.fantasy_world_state_dict(model.dit).keys()
+    assert all(bool((tensor == 7).all()) for tensor in saved.values())  # the gathered values, not the local shards
