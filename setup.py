@@ -40,8 +40,11 @@ setup(
         "peft",
     ],
     extras_require={
-        "dev": ["pytest", "tqdm", "pillow"],
-        # ZeRO launches (full/accelerate_config_zero*.yaml) only; CI never installs it.
+        # The test suite runs the DeepSpeed engines and the annotator's network on the CPU.
+        "dev": ["pytest", "tqdm", "pillow", "deepspeed", "addict", "omegaconf"],
+        # ZeRO launches (full/accelerate_config_zero*.yaml).
         "deepspeed": ["deepspeed"],
+        # `python -m diffsynth.fantasy_world.annotate`; also `pip install --no-deps depth-anything-3==0.1.1`.
+        "annotate": ["addict", "omegaconf"],
     },
 )

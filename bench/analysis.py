@@ -48,7 +48,7 @@ def add_ratios(results: list[dict]) -> None:
 def add_rope_share(results: list[dict], rope: dict) -> None:
     """Per FantasyWorld variant: extra-token RoPE seconds per step and share of its step.
 
-    ``rope`` is ``kernels.measure_rope_extra``'s result; the counts are the geometry-stream
+    ``rope`` is ``kernel_timings.measure_rope_extra``'s result; the counts are the geometry-stream
     ``rope_real.apply_rotary`` calls of the variant's step (``rope_calls_geo``).
     """
     extra, geo = rope["extra_tokens"], rope["geo_tokens"]

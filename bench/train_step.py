@@ -28,7 +28,7 @@ of the FantasyWorld step, and the targets of issues 7 and 13. Writes ``<out>.jso
 Model FLOPs (no recomputation) are counted by hooks on the first warm-up step: ``bench/flops.py``
 has the formula. The modules next to this script: ``variants.py`` (what is measured), ``step.py``
 (one variant's step), ``isolation.py`` (workers, interleaving, rounds), ``flops.py``, ``measure.py``,
-``profiling.py``, ``kernels.py`` (RoPE and matmul timings), ``analysis.py`` (ratios, targets),
+``profiling.py``, ``kernel_timings.py`` (RoPE and matmul timings), ``analysis.py`` (ratios, targets),
 ``report.py`` (JSON, Markdown) and ``provenance.py``.
 
 Run ``python bench/train_step.py --help`` for the options; ``docs/benchmarks.md`` has results.
@@ -179,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bench.analysis import add_ratios, add_rope_share, evaluate_targets, finish_record
     from bench.flops import FLOP_FORMULA
     from bench.isolation import run_rounds
-    from bench.kernels import measure_matmul_rate, measure_rope_extra
+    from bench.kernel_timings import measure_matmul_rate, measure_rope_extra
     from bench.provenance import load_average, machine_info, source_info
 
     cfg = model_config(args)
