@@ -178,3 +178,48 @@ def test_under_a_sharding_engine_the_branch_file_is_gathered_from_the_engine(tra
     saved = weights.read_fantasy_world_file(Path(args.output_path) / "fantasy_world.safetensors")[0]
     assert saved.keys() == weights.fantasy_world_state_dict(model.dit).keys()
     assert all(bool((tensor == 7).all()) for tensor in saved.values())  # the gathered values, not the local shards
+
+
+
+def test_under_zero3_every_rank_takes_part_in_the_gather_and_only_the_main_one_writes(train_args):
+    """ZeRO-3's consolidated state dict is None on every rank but the main one; the gather is a collective."""
+    args = train_args("--stage", "1")
+    model, _ = build_training_module(args, torch.device("cpu"), with_encoders=False)
+    gathers = []
+    engine = SimpleNamespace(distributed_type=SimpleNamespace(name="DEEPSPEED"), is_main_process=False,
+                             register_save_state_pre_hook=lambda hook: None,
+                             get_state_dict=lambda wrapped: gathers.append(wrapped))
+    saver = TrainingCheckpoints(engine, model, Path(args.output_path))
+    saver.save_branch(wrapped="engine", checkpoint=Path("step-0000001"))
+    assert gathers == ["engine"]  # a rank that skipped the gather would leave the others waiting forever
+    assert not (Path(args.output_path) / "fantasy_world.safetensors").exists()
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text[: len(text) // 2],
+    lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "trainable"}),
+    lambda text: json.dumps([json.loads(text)]),
+    lambda text: json.dumps(json.loads(text) | {"step": "2"}),
+], ids=["truncated", "no-trainable", "a-list", "step-a-string"])
+def test_a_damaged_newest_state_json_falls_back_to_the_previous_checkpoint(train_args, capsys, damage):
+    run_training(train_args("--stage", "1", "--max_steps", "2", "--save_steps", "1"))
+    state = Path(train_args().output_path) / "checkpoints/step-0000002/state.json"
+    state.write_text(damage(state.read_text()))
+    assert run_training(train_args("--stage", "1", "--max_steps", "3", "--resume"))["start_step"] == 1
+    assert re.search(rf"warning: cannot resume from {re.escape(str(state.parent))}: ValueError: .*state\.json", capsys.readouterr().out)
+
+
+def test_resume_with_nothing_to_resume_is_refused(train_args, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--resume: there is nothing to resume in .*typo \(no complete checkpoint"):
+        run_training(train_args("--stage", "1", "--max_steps", "1", "--resume", output="typo"))
+    assert not (tmp_path / "typo/loss.csv").exists()
+    (tmp_path / "empty/checkpoints/step-0000001").mkdir(parents=True)  # incomplete: no state.json
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*empty"):
+        run_training(train_args("--stage", "1", "--max_steps", "1", "--resume", output="empty"))
+
+
+def test_resume_compares_effective_values_so_an_explicit_default_is_accepted(train_args):
+    run_training(train_args("--stage", "1", "--max_steps", "1"))
+    explicit = ("--token_layout", "global", "--num_register_tokens", "4", "--camera_condition", "plucker")
+    assert run_training(train_args("--stage", "1", "--max_steps", "2", "--resume", *explicit))["start_step"] == 1
+    with pytest.raises(ValueError, match=r"--token_layout 'per_frame' \(checkpoint: 'global'\)"):
+        run_training(train_args("--stage", "1", "--max_steps", "3", "--resume", "--token_layout", "per_frame"))

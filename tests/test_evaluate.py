@@ -299,3 +299,91 @@ def test_a_short_stage_one_run_learns_depth_that_depends_on_the_input(learning_s
     assert control > 1.1 * model, (model, control)
     assert model < rows["per_pixel_mean"]["depth_abs_rel_frame"], (model, rows["per_pixel_mean"])
     assert 0.7 < rows["model"]["depth_median_scale"] < 1.4  # depth is supervised in scene units
+
+
+# ----------------------------------------------------------------------------- camera baselines and probes
+
+
+def linear_latents(shift=(0.0, 0.0), zoom=0.0, frames=3, size=(6, 8)):
+    """Two-channel latents, each a different linear image of x, y in [-1, 1], moved between frames
+    by a constant flow ``shift`` (u, v) plus ``zoom * (x, y)`` per frame pair."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size[0], dtype=torch.float64), torch.linspace(-1, 1, size[1], dtype=torch.float64), indexing="ij")
+    gains = torch.tensor([[1.0, 0.3], [-0.4, 0.8]], dtype=torch.float64)
+    latents = []
+    for step in range(frames):
+        # I_k(p) = I_0(p - k * flow(p)): for linear images and u = a + s x this stays linear.
+        moved_x = x - step * (shift[0] + zoom * x)
+        moved_y = y - step * (shift[1] + zoom * y)
+        latents.append(torch.stack([gain[0] * moved_x + gain[1] * moved_y for gain in gains]))
+    return torch.stack(latents, dim=1)
+
+
+def test_affine_flow_features_recover_a_known_translation_and_zoom():
+    from diffsynth.fantasy_world.baselines import affine_flow_features
+
+    features = affine_flow_features(linear_latents(shift=(0.2, -0.1))).reshape(2, 6)
+    expected = torch.tensor([0.2, 0.0, 0.0, -0.1, 0.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(features, expected.expand(2, 6), atol=1e-5)
+    # A zoom of s per pair, measured on the pair's mean image (scaled by 1 - (k + 1/2) s): s / (1 - (k + 1/2) s).
+    zoom = affine_flow_features(linear_latents(zoom=0.05)).reshape(2, 6)
+    for pair in range(2):
+        rate = 0.05 / (1 - (pair + 0.5) * 0.05)
+        assert torch.allclose(zoom[pair], torch.tensor([0.0, rate, 0.0, 0.0, 0.0, rate], dtype=torch.float64), atol=1e-5)
+
+
+def yaw_pose(degrees):
+    """Pose encodings [T, 9] of a camera yawing linearly to ``degrees`` (about the camera y axis)."""
+    angles = torch.deg2rad(torch.linspace(0, degrees, T, dtype=torch.float64))
+    quaternion = torch.stack([torch.zeros_like(angles), torch.sin(angles / 2), torch.zeros_like(angles), torch.cos(angles / 2)], -1)
+    return torch.cat([torch.zeros(T, 3, dtype=torch.float64), quaternion, torch.full((T, 2), 0.9, dtype=torch.float64)], -1).float()
+
+
+def test_one_bit_template_uses_the_true_yaw_sign_and_that_directions_mean():
+    """Training clips turning +10 and +30 degrees and -20: a positive test clip gets the +20 mean, a negative one -20."""
+    from diffsynth.fantasy_world.camera import cameras_from_pose_encoding
+    from diffsynth.fantasy_world.metrics import first_last_yaw
+
+    baselines = TrainingSetBaselines()
+    for degrees in (10.0, 30.0, -20.0):
+        baselines.add(constructed_clip(1.0, yaw_pose(degrees)), torch.randn(1, 2, 2, 2))
+    baselines.fit()
+    for truth, expected in ((5.0, 20.0), (-40.0, -20.0)):
+        true_w2c = cameras_from_pose_encoding(yaw_pose(truth).double(), (H, W))[0]
+        template = baselines.predict(torch.randn(1, 2, 2, 2), true_w2c)["one_bit_template"]["camera"]
+        yaw = first_last_yaw(cameras_from_pose_encoding(template.double(), (H, W))[0])
+        assert float(yaw) == pytest.approx(expected, abs=0.2)
+    assert "one_bit_template" not in baselines.predict(torch.randn(1, 2, 2, 2))
+
+
+def test_affine_flow_read_out_learns_a_linear_law_from_flow_to_camera():
+    """Translation of the pose encoding = the flow of the clip: the read-out reproduces it on a new clip."""
+    baselines = TrainingSetBaselines(flow_ridge_lambda=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        shift = torch.rand(2, generator=generator) * 0.4 - 0.2
+        camera = pose((float(shift[0]), float(shift[1]), 0.0), (0, 0, 0, 1), (0.9, 0.9))
+        baselines.add(constructed_clip(1.0, camera), linear_latents(tuple(shift.tolist()), frames=2).float())
+    baselines.fit()
+    predicted = baselines.predict(linear_latents((0.1, -0.15), frames=2).float())["affine_flow"]["camera"]
+    assert torch.allclose(predicted[:, :2], torch.tensor([0.1, -0.15]).expand(T, 2), atol=1e-3)
+
+
+def test_an_input_ignoring_camera_fails_both_probes_and_extra_splits_are_reported(eval_argv, heldout_dataset, monkeypatch, tmp_path):
+    """The truth of the unmodified clip (what a template predicts at best) moves on frame-0 clips and
+    does not flip on mirrored ones; every split gets its table, probes and checks."""
+    monkeypatch.setattr(evaluation, "predict_clip", truth_predictor)  # reads the targets, never the frames
+    report = evaluation.evaluate(evaluation.parse_args(eval_argv("--extra_split", f"again={heldout_dataset}")))
+    assert set(report["splits"]) == {"heldout", "again"}
+    assert report["splits"]["again"]["rows"] == report["rows"]
+    probes = report["probes"]["model"]
+    assert probes["probe_frame_zero_rotation"] > 2.0
+    assert probes["probe_mirror_flip_fraction"] == 0.0
+    checks = {check["description"][:12]: check["passed"] for check in report["checks"]}
+    assert checks["frame-0 prob"] is False and checks["mirror probe"] is False
+    assert set(report["rows"]["one_bit_template"]) == set(METRIC_KEYS)
+    assert report["rows"]["one_bit_template"]["rotation_error_first_last"] is not None
+    assert report["rows"]["affine_flow"]["rotation_error_first_last"] is not None
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Split `again`" in markdown and "frame 0 repeated" in markdown
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        evaluation.evaluate(evaluation.parse_args(eval_argv("--extra_split", "nopath")))

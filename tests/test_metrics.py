@@ -178,3 +178,44 @@ def test_clip_metrics_decodes_pose_encodings_and_marks_missing_heads(depth_clip,
     assert result["rotation_error_first_last"] == pytest.approx(0.0, abs=1e-3)
     assert result["fov_error"] == pytest.approx(0.0, abs=1e-4)
     assert result["pose_auc30"] == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------------------- template probes
+
+
+def test_first_last_yaw_is_signed_and_flips_under_the_mirror_augmentation():
+    import numpy as np
+
+    from diffsynth.fantasy_world.metrics import first_last_yaw
+    from diffsynth.fantasy_world.synthetic import ROOM_FAMILY, Clip, axis_angle_matrix, free_camera_path, mirror_clip
+
+    turn = torch.from_numpy(np.stack([np.concatenate([axis_angle_matrix(np.array([0.0, 1.0, 0.0]), np.radians(a)), np.zeros((3, 1))], 1)
+                                      for a in (0.0, 10.0, 25.0)]))
+    assert float(first_last_yaw(turn)) == pytest.approx(25.0)
+    for index in range(10):
+        w2c = free_camera_path(np.random.default_rng(index), 5, ROOM_FAMILY.camera_region)
+        empty = np.zeros((5, 2, 2))
+        clip = Clip(np.zeros((5, 2, 2, 3), np.uint8), empty, np.zeros((5, 2, 2, 3)), w2c, np.tile([1.0, 1.0, 0.5, 0.5], (5, 1)))
+        yaw, mirrored = first_last_yaw(torch.from_numpy(w2c)), first_last_yaw(torch.from_numpy(mirror_clip(clip).w2c))
+        assert float(mirrored) == pytest.approx(-float(yaw), abs=1e-9)
+
+
+def test_frame_zero_probe_is_zero_for_a_still_camera_and_the_largest_turn_otherwise():
+    from diffsynth.fantasy_world.camera import pose_encoding_from_cameras
+    from diffsynth.fantasy_world.metrics import frame_zero_probe_error, mirror_probe_flips
+
+    K = torch.tensor([[10.0, 0, 8], [0, 10.0, 8], [0, 0, 1]], dtype=torch.float64).expand(3, 3, 3)
+    still = pose_encoding_from_cameras(torch.eye(3, 4, dtype=torch.float64).expand(3, 3, 4), K, (16, 16))
+    assert frame_zero_probe_error(still, (16, 16)) == pytest.approx(0.0, abs=1e-6)
+    angles = torch.deg2rad(torch.tensor([0.0, 12.0, 5.0], dtype=torch.float64))
+    rotations = torch.zeros(3, 3, 4, dtype=torch.float64)
+    rotations[:, 0, 0] = rotations[:, 2, 2] = torch.cos(angles)
+    rotations[:, 0, 2], rotations[:, 2, 0], rotations[:, 1, 1] = torch.sin(angles), -torch.sin(angles), 1.0
+    turning = pose_encoding_from_cameras(rotations, K, (16, 16))
+    assert frame_zero_probe_error(turning, (16, 16)) == pytest.approx(12.0, abs=1e-6)
+    # Yaw 5 degrees (first->last) against its mirror image, itself, and a still camera.
+    mirrored = turning.clone()
+    mirrored[:, [4, 5]] *= -1  # quaternion (x, y, z, w) of a yaw: negating y (and z) mirrors it
+    assert mirror_probe_flips(turning, mirrored, (16, 16)) is True
+    assert mirror_probe_flips(turning, turning, (16, 16)) is False
+    assert mirror_probe_flips(turning, still, (16, 16)) is False

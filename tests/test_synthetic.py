@@ -13,12 +13,22 @@ from conftest import SYNTHETIC_FRAMES, SYNTHETIC_HEIGHT, SYNTHETIC_SCENES, SYNTH
 from diffsynth.fantasy_world.camera import intrinsics_to_matrix, read_camera_file
 from diffsynth.fantasy_world.synthetic import (
     HORIZONTAL_FOV_RANGE_DEGREES,
+    MAX_TRANSLATION,
+    ROOM_CAMERA_REGION,
+    ROOM_FAMILY,
+    Box,
     Quad,
     Scene,
     Sphere,
     Texture,
+    decorrelated_camera_path,
+    free_camera_path,
     generate_dataset,
+    mirror_clip,
+    render_clip,
     render_frame,
+    reverse_clip,
+    sample_clip,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,3 +152,134 @@ def test_scenes_draw_different_fields_of_view(synthetic_dataset):
 def test_rejects_sizes_video_cannot_hold(tmp_path, height, width):
     with pytest.raises(ValueError, match="even"):
         generate_dataset(tmp_path, 1, 1, height, width, 0)
+
+
+# ----------------------------------------------------------------------------- decorrelated family, augmentation
+
+
+def relative_rotation_vector(w2c: np.ndarray, first: int, last: int) -> np.ndarray:
+    """Axis * angle (radians) of ``R_last R_first^T``, in the first camera's axes' convention."""
+    relative = w2c[last, :, :3] @ w2c[first, :, :3].T
+    angle = np.arccos(np.clip((np.trace(relative) - 1) / 2, -1, 1))
+    axis = np.array([relative[2, 1] - relative[1, 2], relative[0, 2] - relative[2, 0], relative[1, 0] - relative[0, 1]])
+    return axis / max(2 * np.sin(angle), 1e-12) * angle
+
+
+def test_decorrelated_paths_mix_static_orbit_and_free_clips_with_independent_rotation_and_translation():
+    rotations, translations, yaw_shares = [], [], []
+    for index in range(400):
+        w2c = decorrelated_camera_path(np.random.default_rng((7, index)), 9, ROOM_FAMILY)
+        rotation = w2c[:, :, :3]
+        np.testing.assert_allclose(rotation @ rotation.transpose(0, 2, 1), np.broadcast_to(np.eye(3), rotation.shape), atol=1e-9)
+        centres = -np.einsum("tji,tj->ti", rotation, w2c[:, :, 3])
+        assert ROOM_CAMERA_REGION.contains(centres)
+        vector = relative_rotation_vector(w2c, 0, -1)
+        rotations.append(np.degrees(np.linalg.norm(vector)))
+        translations.append(np.linalg.norm(centres[-1] - centres[0]))
+        if rotations[-1] > 5:
+            yaw_shares.append(abs(vector[1]) / np.linalg.norm(vector))
+    rotations, translations = np.array(rotations), np.array(translations)
+    static = (rotations < 1e-6) & (translations < 1e-9)
+    assert 0.05 < static.mean() < 0.16
+    assert rotations.max() <= 45.0 + 1e-6 and (rotations > 30).mean() > 0.15
+    # Orbits (the only clips moving further than a free clip can) are at most a quarter of the mix.
+    orbits = translations > MAX_TRANSLATION + 1e-9
+    assert 0.05 < orbits.mean() < 0.25
+    assert np.median(yaw_shares) > 0.85 and min(yaw_shares) < 0.8  # mostly yaw, not only yaw
+
+
+def test_free_paths_draw_rotation_and_translation_independently():
+    rotations, translations = [], []
+    for index in range(300):
+        w2c = free_camera_path(np.random.default_rng((9, index)), 5, ROOM_CAMERA_REGION)
+        centres = -np.einsum("tji,tj->ti", w2c[:, :, :3], w2c[:, :, 3])
+        rotations.append(np.linalg.norm(relative_rotation_vector(w2c, 0, -1)))
+        translations.append(np.linalg.norm(centres[-1] - centres[0]))
+    assert abs(np.corrcoef(rotations, translations)[0, 1]) < 0.15
+    assert min(translations) < 0.1 and max(translations) > 1.0
+
+
+def test_decorrelated_paths_turn_both_ways_from_varied_initial_views():
+    yaws, headings = [], []
+    for index in range(200):
+        w2c = decorrelated_camera_path(np.random.default_rng((8, index)), 5, ROOM_FAMILY)
+        yaws.append(relative_rotation_vector(w2c, 0, -1)[1])
+        forward = w2c[0, 2, :3]
+        headings.append(np.arctan2(forward[2], forward[0]))
+    yaws = np.array(yaws)
+    assert 0.3 < (yaws > 0).mean() < 0.7
+    assert np.histogram(headings, bins=8, range=(-np.pi, np.pi))[0].min() > 5
+
+
+def mirrored_scene(scene: Scene) -> Scene:
+    """The scene reflected by x -> -x (exact for quads, spheres and boxes: a box's yaw changes sign)."""
+    flip = np.array([-1.0, 1.0, 1.0])
+    primitives = []
+    for primitive in scene.primitives:
+        if isinstance(primitive, Quad):
+            primitives.append(Quad(primitive.centre * flip, primitive.axis_u * flip, primitive.axis_v * flip,
+                                   primitive.half_u, primitive.half_v, primitive.texture))
+        elif isinstance(primitive, Sphere):
+            primitives.append(Sphere(primitive.centre * flip, primitive.radius, primitive.texture))
+        else:
+            primitives.append(Box(primitive.centre * flip, primitive.half_size, -primitive.yaw, primitive.texture))
+    return Scene(primitives, scene.prompt)
+
+
+@pytest.fixture(scope="module")
+def room_clip():
+    rng = np.random.default_rng(11)
+    scene, clip = sample_clip(rng, ROOM_FAMILY, "decorrelated", 5, 16, 24)
+    intrinsics = clip.intrinsics.copy()
+    intrinsics[:, 2] = 0.4  # an off-centre principal point: the mirror must move it
+    return scene, render_clip(scene, clip.w2c, intrinsics, 16, 24)
+
+
+def test_mirror_labels_are_those_of_the_mirrored_world(room_clip):
+    """Rendering the reflected scene with the mirrored cameras gives the mirrored depth and points exactly."""
+    scene, clip = room_clip
+    mirrored = mirror_clip(clip)
+    assert np.array_equal(mirrored.rgb, clip.rgb[:, :, ::-1])
+    np.testing.assert_allclose(np.linalg.det(mirrored.w2c[:, :, :3]), 1.0)
+    truth = render_clip(mirrored_scene(scene), mirrored.w2c, mirrored.intrinsics, 16, 24)
+    np.testing.assert_allclose(mirrored.depth, truth.depth, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(mirrored.points, truth.points, rtol=1e-9, atol=1e-9)
+    # Yaw and roll of the motion change sign, pitch does not; the angle is kept.
+    original, flipped = relative_rotation_vector(clip.w2c, 0, -1), relative_rotation_vector(mirrored.w2c, 0, -1)
+    np.testing.assert_allclose(flipped, original * np.array([1.0, -1.0, -1.0]), atol=1e-9)
+
+
+def test_time_reversal_labels_are_those_of_the_reversed_path(room_clip):
+    scene, clip = room_clip
+    reversed_clip = reverse_clip(clip)
+    truth = render_clip(scene, clip.w2c[::-1].copy(), clip.intrinsics[::-1].copy(), 16, 24)
+    for key in ("rgb", "depth", "points", "w2c", "intrinsics"):
+        assert np.array_equal(getattr(reversed_clip, key), getattr(truth, key)), key
+    # The motion's rotation is inverted: R_0 R_last^T in place of R_last R_0^T.
+    np.testing.assert_allclose(relative_rotation_vector(reversed_clip.w2c, 0, -1),
+                               -relative_rotation_vector(clip.w2c, 0, -1), atol=1e-9)
+
+
+def test_augmented_dataset_files_are_geometrically_consistent(tmp_path):
+    """Every written copy (mirrored, reversed, both) passes the projection check of the originals."""
+    generate_dataset(tmp_path, 2, 5, 16, 24, 4, "decorrelated", ("mirror", "reverse"))
+    metadata = pandas.read_csv(tmp_path / "metadata.csv")
+    assert [name.split(".")[0] for name in metadata["video"][:4]] == [
+        "scene_000", "scene_000_mirror", "scene_000_reverse", "scene_000_mirror_reverse"]
+    for _, row in metadata.iterrows():
+        w2c, intrinsics, depth, points = load_scene(tmp_path, row)
+        T, H, W = depth.shape
+        K = intrinsics_to_matrix(intrinsics, H, W).numpy()
+        valid = depth > 0
+        camera_points = np.einsum("tij,thwj->thwi", w2c[:, :, :3], points) + w2c[:, None, None, :, 3]
+        u = K[:, None, None, 0, 0] * camera_points[..., 0] / camera_points[..., 2] + K[:, None, None, 0, 2]
+        columns = np.broadcast_to(np.arange(W) + 0.5, depth.shape)
+        assert np.abs(camera_points[..., 2] - depth)[valid].max() < 1e-3
+        assert np.abs(u - columns)[valid].max() < 1e-2
+
+
+def test_unknown_trajectory_or_augmentation_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="trajectory"):
+        generate_dataset(tmp_path, 1, 1, 16, 16, 0, trajectory="spiral")
+    with pytest.raises(ValueError, match="augmentation"):
+        generate_dataset(tmp_path, 1, 1, 16, 16, 0, augmentations=("rotate",))

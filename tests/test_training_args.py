@@ -41,6 +41,19 @@ def test_every_bad_option_is_named_in_one_message():
     assert training_args.parse_args(VALID_ARGV).height == 32
 
 
+def test_an_output_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(ValueError, match=r"--output_path .*run: is an existing file, not a folder"):
+        run_training(build_parser().parse_args(VALID_ARGV + ["--output_path", str(tmp_path / "run")]))
+
+
+def test_more_workers_than_cores_are_capped_with_a_warning(monkeypatch):
+    monkeypatch.setattr(training_args.os, "cpu_count", lambda: 2)
+    with pytest.warns(UserWarning, match=r"--dataset_num_workers 48 is more than the 2 CPU cores; using 2"):
+        args = training_args.parse_args(VALID_ARGV + ["--dataset_num_workers", "48"])
+    assert args.dataset_num_workers == 2
+
+
 def test_branch_options_come_from_the_command_line_or_the_defaults():
     assert branch_options(build_parser().parse_args(VALID_ARGV)) == BRANCH_DEFAULTS
     given = branch_options(build_parser().parse_args(VALID_ARGV + ["--split_layer", "1", "--camera_condition", "none"]))
