@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from diffsynth.fantasy_world.annotate.network import build_network
-from diffsynth.fantasy_world.annotate.pipeline import run_network
-from diffsynth.fantasy_world.annotate.video import prepare_frames, processed_size
+from diffsynth.fantasy_world.app.annotate.network import build_network
+from diffsynth.fantasy_world.app.annotate.pipeline import run_network
+from diffsynth.fantasy_world.app.annotate.video import prepare_frames, processed_size
 
 
 def build_parser() -> argparse.ArgumentParser:

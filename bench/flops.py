@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffsynth.fantasy_world import rope_real
+from diffsynth.fantasy_world.model import rope_real
 from diffsynth.models import wan_video_dit
 
 # The formula above, as the report states it.

@@ -7,8 +7,8 @@ import torch
 
 from bench.measure import time_call
 from bench.variants import model_config, resolve_dtype
-from diffsynth.fantasy_world import rope_real
-from diffsynth.fantasy_world.rope import GeometryTokenLayout
+from diffsynth.fantasy_world.model import rope_real
+from diffsynth.fantasy_world.model.rope import GeometryTokenLayout
 from diffsynth.models import wan_video_dit
 
 ROPE_METHOD = (
@@ -80,7 +80,7 @@ def measure_rope_extra(args: argparse.Namespace, shape: dict, device_str: str) -
     t_full = time_call(rotate_full, device, repeats, max(1, inner // 5))
     return dict(
         extra_tokens=extra, geo_tokens=layout.sequence_length, video_tokens=layout.num_video_tokens,
-        rotation="diffsynth.fantasy_world.rope_real.apply_rotary", table_build_s=t_table,
+        rotation="diffsynth.fantasy_world.model.rope_real.apply_rotary", table_build_s=t_table,
         rope_extra_rows_forward_s=t_fwd, rope_extra_rows_backward_s=max(0.0, t_fwd_bwd - t_fwd),
         rope_full_geo_forward_s=t_full, method=ROPE_METHOD,
     )

@@ -20,9 +20,9 @@ from bench.flops import FlopCounter, check_with_flop_counter_mode, meta_values_r
 from bench.measure import peak_memory, rss_bytes, sequential_driver, step_stats, sync
 from bench.profiling import profile_step
 from bench.variants import fw_options, geometry_checkpointing, model_config, new_record, resolve_dtype
-from diffsynth.fantasy_world.configs import build_dit
-from diffsynth.fantasy_world.model import enable_fantasy_world_mode
-from diffsynth.fantasy_world.rope import GeometryTokenLayout
+from diffsynth.fantasy_world.tiny.dit_configs import build_dit
+from diffsynth.fantasy_world.model.branch import enable_fantasy_world_mode
+from diffsynth.fantasy_world.model.rope import GeometryTokenLayout
 from diffsynth.models.wan_video_dit import WanModel
 
 # driver(step, steps) -> seconds of each timed step.
@@ -45,12 +45,12 @@ def set_trainable(dit: WanModel, stage: str) -> str:
             param.requires_grad_(True)
         return "all parameters"
     # Imported here: the training module pulls in the whole training stack, which plain runs do not need.
-    from diffsynth.fantasy_world.training import is_trainable
+    from diffsynth.fantasy_world.train.loop import is_trainable
 
     number = 1 if stage == "stage1" else 2
     for name, param in dit.named_parameters():
         param.requires_grad_(is_trainable(name, number))
-    return "diffsynth.fantasy_world.training.is_trainable"
+    return "diffsynth.fantasy_world.train.loop.is_trainable"
 
 
 def _camera_input(args: argparse.Namespace, shape: dict, batch: int, device: torch.device,
@@ -135,7 +135,7 @@ def _loss_fn(args: argparse.Namespace, stage: str, noise_target: torch.Tensor,
     geometry_loss = None
     if stage != "plain" and args.geo_loss in ("auto", "real"):
         try:  # optional unless --geo_loss real: the stand-in keeps the step's shape without it
-            from diffsynth.fantasy_world.losses import geometry_loss
+            from diffsynth.fantasy_world.train.losses import geometry_loss
         except ImportError:
             if args.geo_loss == "real":
                 raise

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
     parser.add_argument("--geo_weight", type=float, default=1.0, help="lambda of the stage-2 loss L_diff + lambda * L_geo")
     parser.add_argument("--geo_loss", default="auto", choices=("auto", "real", "standin"),
-                        help="geometry loss: diffsynth.fantasy_world.losses.geometry_loss (real) or a stand-in (sum of "
+                        help="geometry loss: diffsynth.fantasy_world.train.losses.geometry_loss (real) or a stand-in (sum of "
                              "the means of the geometry outputs); auto: real when importable")
     fw = parser.add_argument_group("FantasyWorld options (passed to enable_fantasy_world_mode)")
     fw.add_argument("--split_layer", type=int, default=None, help="video-only blocks (default: 40%% of the blocks)")

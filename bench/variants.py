@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # imported where used: this module stays torch-free
-    from diffsynth.fantasy_world.recompute import GeometryCheckpointing
+    from diffsynth.fantasy_world.model.recompute import GeometryCheckpointing
 
 STAGES = ("plain", "stage1", "stage2")
 CKPT_NAMES = {True: "ckpt", False: "nockpt"}
@@ -73,7 +73,7 @@ def parse_overrides(items: list[str]) -> dict[str, int]:
 
 def model_config(args: argparse.Namespace) -> dict:
     """The ``WanModel`` keyword arguments of ``--config`` with the ``--set`` overrides applied."""
-    from diffsynth.fantasy_world.configs import DIT_CONFIGS
+    from diffsynth.fantasy_world.tiny.dit_configs import DIT_CONFIGS
     if args.config not in DIT_CONFIGS:
         raise SystemExit(f"unknown --config {args.config!r}; choose from {', '.join(DIT_CONFIGS)}")
     cfg = dict(DIT_CONFIGS[args.config])
@@ -151,7 +151,7 @@ def resolve_dtype(args: argparse.Namespace, device_type: str) -> str:
 
 def geometry_checkpointing(args: argparse.Namespace) -> GeometryCheckpointing:
     """``--geometry_checkpointing`` as the branch's ``GeometryCheckpointing`` policy (exits on a bad spec)."""
-    from diffsynth.fantasy_world.recompute import GeometryCheckpointing
+    from diffsynth.fantasy_world.model.recompute import GeometryCheckpointing
     try:
         return GeometryCheckpointing.parse(args.geometry_checkpointing)
     except ValueError as error:
@@ -176,7 +176,7 @@ def _adapter_blocks(args: argparse.Namespace) -> list[int]:
     split) or a comma list of block indices."""
     spec = args.camera_adapter_blocks
     if spec in ("pre", "post"):
-        from diffsynth.fantasy_world.model import default_split_layer
+        from diffsynth.fantasy_world.model.branch import default_split_layer
         num_layers = model_config(args)["num_layers"]
         split = args.split_layer if args.split_layer is not None else default_split_layer(num_layers)
         return list(range(split)) if spec == "pre" else list(range(split, num_layers))

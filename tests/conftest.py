@@ -5,9 +5,10 @@ from pathlib import Path
 import pandas
 import pytest
 
-from diffsynth.fantasy_world.synthetic import generate_dataset
-from diffsynth.fantasy_world.training_args import build_parser
+from diffsynth.fantasy_world.data.synthetic import generate_dataset
+from diffsynth.fantasy_world.train.args import build_parser
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 # Small but non-trivial: 9 = 4*2+1 frames, and a 2:3 aspect ratio so that cover crops really crop.
 SYNTHETIC_SCENES, SYNTHETIC_FRAMES, SYNTHETIC_HEIGHT, SYNTHETIC_WIDTH, SYNTHETIC_SEED = 3, 9, 32, 48, 0
 

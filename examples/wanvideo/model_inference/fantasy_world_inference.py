@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from diffsynth.fantasy_world.inference import (
+from diffsynth.fantasy_world.app.inference import (
     build_pretrained_pipeline,
     build_tiny_pipeline,
     camera_condition_from_file,

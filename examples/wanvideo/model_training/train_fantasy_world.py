@@ -9,8 +9,8 @@
 """
 import sys
 
-from diffsynth.fantasy_world.training import NonFiniteLossError, run_training
-from diffsynth.fantasy_world.training_args import parse_args
+from diffsynth.fantasy_world.train.loop import NonFiniteLossError, run_training
+from diffsynth.fantasy_world.train.args import parse_args
 
 if __name__ == "__main__":
     try:
