@@ -1,4 +1,4 @@
-# The fork's interface: `make setup`, `make test`, `make smoke`, `make learn`, `make patches`, `make patches-check`,
+# The fork's interface: `make setup`, `make test`, `make test-engines`, `make smoke`, `make learn`, `make patches`, `make patches-check`,
 # `make lock` (move the pins forward), `make test-latest` (the suite on the newest releases setup.py allows).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -28,7 +28,7 @@ endef
 # Nothing from the caller's environment may reach the venv's imports.
 CLEAN_ENV := env -u PYTHONPATH -u PYTHONHOME PYTHONNOUSERSITE=1
 
-.PHONY: setup test smoke learn patches patches-check combined-patch clean lock test-latest latest-venv
+.PHONY: setup test test-engines smoke learn patches patches-check combined-patch clean lock test-latest latest-venv
 
 setup: $(VENV)/.installed $(VENV)/.materialised
 
@@ -54,6 +54,11 @@ endif
 
 test: setup
 	$(CLEAN_ENV) $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The engine tests (DDP, ZeRO-2, ZeRO-3, FSDP2 on 2 CPU processes) plus ZeRO-3 with the optimizer offloaded
+# as shipped, which builds DeepSpeed's CPU Adam on first use (~5 min): not part of `make test`.
+test-engines: setup
+	$(CLEAN_ENV) FANTASY_WORLD_TEST_ENGINES=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests/integration/test_engines_cpu.py
 
 smoke: setup
 	bash examples/wanvideo/model_training/full/test_fantasy_world_training.sh

@@ -6,7 +6,7 @@ import argparse
 import torch
 
 from bench.measure import time_call
-from bench.variants import model_config, resolve_dtype
+from bench.variants import fw_config, model_config, resolve_dtype
 from diffsynth.fantasy_world.model import rope_real
 from diffsynth.fantasy_world.model.rope import GeometryTokenLayout
 from diffsynth.models import wan_video_dit
@@ -45,7 +45,8 @@ def measure_rope_extra(args: argparse.Namespace, shape: dict, device_str: str) -
     heads, dim = cfg["num_heads"], cfg["dim"]
     compute_dtype = torch.bfloat16 if resolve_dtype(args, device.type) == "bf16" else torch.float32
     freqs = _video_freqs(dim // heads, tuple(shape["grid"]), device)
-    layout = GeometryTokenLayout(args.token_layout, tuple(shape["grid"]), args.num_register_tokens)
+    config = fw_config(args)
+    layout = GeometryTokenLayout(config.token_layout, tuple(shape["grid"]), config.num_register_tokens)
 
     def build_table() -> torch.Tensor:  # as FantasyWorldRun does once per forward
         return rope_real.real_rope_table(layout.extend_freqs(freqs), compute_dtype)

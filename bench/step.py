@@ -11,7 +11,7 @@ import contextlib
 import gc
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bench.flops import FlopCounter, check_with_flop_counter_mode, meta_values_read_as_zero
 from bench.measure import peak_memory, rss_bytes, sequential_driver, step_stats, sync
 from bench.profiling import profile_step
-from bench.variants import fw_options, geometry_checkpointing, model_config, new_record, resolve_dtype
+from bench.variants import fw_config, fw_options, geometry_checkpointing, model_config, new_record, resolve_dtype
 from diffsynth.fantasy_world.tiny.dit_configs import build_dit
 from diffsynth.fantasy_world.model.branch import enable_fantasy_world_mode
 from diffsynth.fantasy_world.model.rope import GeometryTokenLayout
@@ -45,21 +45,22 @@ def set_trainable(dit: WanModel, stage: str) -> str:
             param.requires_grad_(True)
         return "all parameters"
     # Imported here: the training module pulls in the whole training stack, which plain runs do not need.
-    from diffsynth.fantasy_world.train.loop import is_trainable
+    from diffsynth.fantasy_world.train.module import is_trainable
 
     number = 1 if stage == "stage1" else 2
     for name, param in dit.named_parameters():
         param.requires_grad_(is_trainable(name, number))
-    return "diffsynth.fantasy_world.train.loop.is_trainable"
+    return "diffsynth.fantasy_world.train.module.is_trainable"
 
 
 def _camera_input(args: argparse.Namespace, shape: dict, batch: int, device: torch.device,
                   generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
     """Plücker rays (B, 24, f, h, w) on the latent grid, poses (B, T, 9) per video frame, or None."""
     f, hl, wl = shape["latent"]
-    if args.camera_condition == "plucker":
+    condition = fw_config(args).camera_condition
+    if condition == "plucker":
         return torch.randn(batch, 24, f, hl, wl, device=device, generator=generator)
-    if args.camera_condition == "pose":
+    if condition == "pose":
         return torch.randn(batch, shape["num_frames"], 9, device=device, generator=generator)
     return None
 
@@ -83,7 +84,7 @@ def _build_dit(args: argparse.Namespace, shape: dict, stage: str, device: torch.
         split_layer = branch.split_layer
         layout = GeometryTokenLayout(branch.token_layout, tuple(shape["grid"]), branch.num_register_tokens)
         geo_length = layout.sequence_length
-        record["fantasy_world"] = dict(branch.config, extra_tokens=layout.num_extra_tokens, geo_tokens=geo_length)
+        record["fantasy_world"] = dict(branch.config.to_metadata(), extra_tokens=layout.num_extra_tokens, geo_tokens=geo_length)
     record["trainable_rule"] = set_trainable(dit, stage)
     dit.train()
     trainable = [p for p in dit.parameters() if p.requires_grad]
@@ -130,36 +131,39 @@ def _geometry_targets(pred: dict, generator: Optional[torch.Generator]) -> dict:
 
 
 def _loss_fn(args: argparse.Namespace, stage: str, noise_target: torch.Tensor,
-             generator: Optional[torch.Generator]) -> tuple[Callable[[Any], torch.Tensor], str]:
-    """The stage's loss on the model outputs, and its description for the report."""
-    geometry_loss = None
-    if stage != "plain" and args.geo_loss in ("auto", "real"):
-        try:  # optional unless --geo_loss real: the stand-in keeps the step's shape without it
-            from diffsynth.fantasy_world.train.losses import geometry_loss
-        except ImportError:
-            if args.geo_loss == "real":
-                raise
-    description = dict(
-        plain="flow-matching MSE (noise_pred vs random target)",
-        stage1=("geometry_loss" if geometry_loss else "stand-in: sum of means of geometry outputs"),
-        stage2=("MSE + %g * " % args.geo_weight) + ("geometry_loss" if geometry_loss else "stand-in geometry loss"),
-    )[stage]
-    geo_targets: dict = {}
+             generator: Optional[torch.Generator]) -> tuple[Callable[..., torch.Tensor], str]:
+    """The stage's loss on the model outputs, and its description for the report.
 
-    def compute_loss(outputs):
-        if stage == "plain":
-            return F.mse_loss(outputs.float(), noise_target)
+    Stages 1 and 2 use the trainer's own composition (``train.module.stage_loss``, the training
+    script's default term weights, ``--geo_weight`` as lambda). ``compute_loss(outputs)`` draws
+    random geometry targets on its first call; a test passes the trainer's targets, diffusion
+    target, noise-level gate and schedule weight to check that the two losses agree.
+    """
+    if stage == "plain":
+        return (lambda outputs: F.mse_loss(outputs.float(), noise_target)), "flow-matching MSE (noise_pred vs random target)"
+    from diffsynth.fantasy_world.train.args import build_parser
+    from diffsynth.fantasy_world.train.module import stage_loss
+
+    parser = build_parser()
+    loss_options = argparse.Namespace(
+        **{name: parser.get_default(name) for name in ("depth_loss_weight", "point_loss_weight", "camera_loss_weight")},
+        geometry_loss_lambda=args.geo_weight,
+    )
+    stage_number = 1 if stage == "stage1" else 2
+    random_targets: dict = {}
+
+    def compute_loss(outputs, targets: Optional[dict] = None, diffusion_target: Optional[torch.Tensor] = None,
+                     geometry_gate: float = 1.0, diffusion_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
         noise_pred, geometry = outputs
-        if geometry_loss is not None:
-            if not geo_targets:  # drawn on the first call, when the output shapes are known
-                geo_targets.update(_geometry_targets({k: v.detach() for k, v in geometry.items()}, generator))
-            geo = geometry_loss(geometry, geo_targets)["total"]
-        else:
-            geo = sum(value.float().mean() for value in geometry.values())
-        if stage == "stage1":
-            return geo
-        return F.mse_loss(noise_pred.float(), noise_target) + args.geo_weight * geo
+        if targets is None:
+            if not random_targets:  # drawn on the first call, when the output shapes are known
+                random_targets.update(_geometry_targets({k: v.detach() for k, v in geometry.items()}, generator))
+            targets = random_targets
+        losses = stage_loss(stage_number, geometry, targets, loss_options, geometry_gate, noise_pred,
+                            noise_target if diffusion_target is None else diffusion_target, diffusion_weight)
+        return losses["total"]
 
+    description = "the trainer's stage loss: " + ("L_geo" if stage_number == 1 else f"L_diff + {args.geo_weight:g} * L_geo")
     return compute_loss, description
 
 

@@ -47,16 +47,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
-# Only torch-free modules here: --help and argument errors stay fast (the rest is imported in main).
 from bench.report import SCHEMA, write_partial, write_report  # noqa: E402
 from bench.variants import (  # noqa: E402
-    fw_options, geometry_checkpointing, model_config, parse_overrides, parse_variants, resolve_dtype, resolve_shape,
+    CONFIG_OPTIONS, fw_options, geometry_checkpointing, model_config, parse_overrides, parse_variants, resolve_dtype, resolve_shape,
     rope_coverage_problem, variant_name,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; no torch import needed, so ``--help`` stays fast."""
+    """The command line. The FantasyWorld options (names, choices, defaults in the help) come from
+    ``FantasyWorldConfig``, whose package import brings torch."""
+    from diffsynth.fantasy_world.config import add_config_arguments
+
     parser = argparse.ArgumentParser(
         prog="bench/train_step.py",
         description=(
@@ -107,20 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
     parser.add_argument("--geo_weight", type=float, default=1.0, help="lambda of the stage-2 loss L_diff + lambda * L_geo")
-    parser.add_argument("--geo_loss", default="auto", choices=("auto", "real", "standin"),
-                        help="geometry loss: diffsynth.fantasy_world.train.losses.geometry_loss (real) or a stand-in (sum of "
-                             "the means of the geometry outputs); auto: real when importable")
     fw = parser.add_argument_group("FantasyWorld options (passed to enable_fantasy_world_mode)")
-    fw.add_argument("--split_layer", type=int, default=None, help="video-only blocks (default: 40%% of the blocks)")
-    fw.add_argument("--token_layout", default="global", choices=("global", "per_frame"))
-    fw.add_argument("--num_register_tokens", type=int, default=4)
-    fw.add_argument("--cross_attn_heads", type=int, default=None, help="cross-attention heads (default: a quarter of the DiT's)")
-    fw.add_argument("--camera_condition", default="plucker", choices=("plucker", "pose", "none"))
+    add_config_arguments(fw, names=CONFIG_OPTIONS)
     fw.add_argument("--camera_adapter_blocks", default=None,
                     help="video blocks with a camera adapter: comma list of indices, 'pre' (every video-only block) or "
                          "'post' (the blocks after the split); default: the branch's (the last video-only block)")
-    fw.add_argument("--head_features", type=int, default=None)
-    fw.add_argument("--head_resolution_factor", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no_rope", action="store_true", help="skip the extra-token RoPE measurement")
     parser.add_argument("--no_matmul_rate", action="store_true", help="skip the matrix-multiply rate measurement")

@@ -158,17 +158,28 @@ def geometry_checkpointing(args: argparse.Namespace) -> GeometryCheckpointing:
         raise SystemExit(f"--geometry_checkpointing: {error}") from None
 
 
+# FantasyWorldConfig options the benchmark exposes as generated; --camera_adapter_blocks is its own
+# (it also takes "pre" and "post").
+CONFIG_OPTIONS = ("split_layer", "token_layout", "num_register_tokens", "cross_attn_heads", "camera_condition",
+                  "head_features", "head_resolution_factor")
+
+
 def fw_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments of ``enable_fantasy_world_mode`` from the FantasyWorld options."""
-    options: dict[str, Any] = dict(token_layout=args.token_layout, num_register_tokens=args.num_register_tokens)
-    for key in ("split_layer", "cross_attn_heads", "head_features", "head_resolution_factor"):
-        value = getattr(args, key)
-        if value is not None:
-            options[key] = value
-    options["camera_condition"] = None if args.camera_condition == "none" else args.camera_condition
-    if args.camera_adapter_blocks and options["camera_condition"] is not None:
+    """Keyword arguments of ``enable_fantasy_world_mode`` from the FantasyWorld options given (the rest
+    keep ``FantasyWorldConfig``'s defaults)."""
+    from diffsynth.fantasy_world.config import default_of, given_options
+
+    options: dict[str, Any] = given_options(args, CONFIG_OPTIONS)
+    if args.camera_adapter_blocks and options.get("camera_condition", default_of("camera_condition")) is not None:
         options["camera_adapter_blocks"] = _adapter_blocks(args)
     return options
+
+
+def fw_config(args: argparse.Namespace):
+    """The ``FantasyWorldConfig`` the benchmark's branch is built with (options given + defaults)."""
+    from diffsynth.fantasy_world.config import FantasyWorldConfig
+
+    return FantasyWorldConfig(**fw_options(args))
 
 
 def _adapter_blocks(args: argparse.Namespace) -> list[int]:
@@ -176,9 +187,11 @@ def _adapter_blocks(args: argparse.Namespace) -> list[int]:
     split) or a comma list of block indices."""
     spec = args.camera_adapter_blocks
     if spec in ("pre", "post"):
-        from diffsynth.fantasy_world.model.branch import default_split_layer
-        num_layers = model_config(args)["num_layers"]
-        split = args.split_layer if args.split_layer is not None else default_split_layer(num_layers)
+        from diffsynth.fantasy_world.config import FantasyWorldConfig
+
+        cfg = model_config(args)
+        num_layers = cfg["num_layers"]
+        split = FantasyWorldConfig(split_layer=args.split_layer).resolve(num_layers, cfg["dim"], cfg["num_heads"]).split_layer
         return list(range(split)) if spec == "pre" else list(range(split, num_layers))
     try:
         return [int(b) for b in spec.split(",") if b.strip()]

@@ -2,10 +2,14 @@
 import shutil
 from pathlib import Path
 
+import math
+
 import pandas
 import pytest
+import torch
 
 from diffsynth.fantasy_world.data.synthetic import generate_dataset
+from diffsynth.fantasy_world.geometry.camera import quaternion_to_rotation_matrix
 from diffsynth.fantasy_world.train.args import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,3 +62,26 @@ def train_args(synthetic_dataset, tmp_path):
             "--model_source", "tiny", "--learning_rate", "1e-3", "--output_path", str(tmp_path / output), *extra,
         ])
     return make
+
+
+# ----------------------------------------------------------------------------- random cameras
+
+
+def random_rotations(count: int, generator: torch.Generator) -> torch.Tensor:
+    return quaternion_to_rotation_matrix(torch.randn(count, 4, generator=generator))
+
+
+def rotation_about(axis, angle: float) -> torch.Tensor:
+    axis = torch.tensor(axis, dtype=torch.float32)
+    axis = axis / axis.norm()
+    quaternion = torch.cat([axis * math.sin(angle / 2), torch.tensor([math.cos(angle / 2)])])
+    return quaternion_to_rotation_matrix(quaternion)
+
+
+def random_cameras(count: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    rotations = random_rotations(count, generator)
+    translations = torch.randn(count, 3, 1, generator=generator)
+    w2c = torch.cat([rotations, translations], dim=-1)
+    intrinsics = torch.rand(count, 4, generator=generator) * 0.5 + 0.5
+    return w2c, intrinsics

@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +162,35 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     for stage in ("plain", "stage1", "stage2"):
         assert f"| {stage} | on | ok |" in markdown and f"| {stage} | off | ok |" in markdown
     assert "| target (issues 7, 13) | value | status |" in markdown and "FLOPs: model FLOPs =" in markdown
+
+
+@pytest.mark.parametrize("stage, schedule_end", [(1, -1), (2, 0), (2, -1)])
+def test_the_benchmark_scores_a_batch_exactly_as_the_trainer(stage, schedule_end, train_args, synthetic_dataset, monkeypatch):
+    # The timed step must be the trained one: same terms, weights, lambda and noise-level gate (stage 2
+    # at the schedule's first, high-noise timestep has gate 0; at its last, gate 1).
+    import argparse
+
+    from bench.step import _loss_fn
+    from diffsynth.fantasy_world.data.dataset import FantasyWorldDataset, collate_fantasy_world
+    from diffsynth.fantasy_world.train import module as training_module
+
+    args = train_args("--stage", str(stage), "--geometry_loss_lambda", "0.7")
+    module, encoder = training_module.build_training_module(args, torch.device("cpu"))
+    batch = encoder(collate_fantasy_world([FantasyWorldDataset(synthetic_dataset, num_frames=9, height=32, width=48)[0]]))
+    timestep = module.scheduler.timesteps[schedule_end:][:1]
+    gate = float(module.scheduler.sigmas[schedule_end] <= args.geometry_max_sigma)
+    monkeypatch.setattr(module, "draw_timestep", lambda generator: (timestep, gate))
+    outputs = {}
+    real_model_fn = training_module.model_fn_wan_video
+    monkeypatch.setattr(training_module, "model_fn_wan_video", lambda *a, **k: outputs.setdefault("value", real_model_fn(*a, **k)))
+    trained = module(batch, torch.Generator().manual_seed(5))["total"]
+
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(5))
+    compute_loss, _ = _loss_fn(argparse.Namespace(geo_weight=0.7), f"stage{stage}", noise, None)
+    benchmarked = compute_loss(
+        outputs["value"], targets=module.geometry_targets(batch),
+        diffusion_target=module.scheduler.training_target(batch["latents"], noise, timestep),
+        geometry_gate=gate, diffusion_weight=module.scheduler.training_weight(timestep),
+    )
+    assert gate == (0.0 if (stage, schedule_end) == (2, 0) else 1.0)
+    assert benchmarked.item() == pytest.approx(trained.item(), rel=1e-6)

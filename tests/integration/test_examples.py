@@ -131,8 +131,9 @@ def test_fsdp_config_shards_fully_and_wraps_every_dit_block():
     config = ClusterConfig.from_yaml_file(TRAINING / "full/accelerate_config_fsdp.yaml")
     fsdp = config.fsdp_config
     assert config.distributed_type == "FSDP" and config.mixed_precision == "bf16" and config.num_processes == 8
-    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-    assert fsdp["fsdp_use_orig_params"] is True  # only some parameters train
+    # FSDP2 (fully_shard): original parameters (only some train), no sync_module_states (it cannot run on a CPU).
+    assert fsdp["fsdp_version"] == 2 and "fsdp_sync_module_states" not in fsdp and fsdp["fsdp_cpu_ram_efficient_loading"] is False
+    assert fsdp["fsdp_reshard_after_forward"] is True and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"  # full sharding
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     block = getattr(wan_video_dit, fsdp["fsdp_transformer_layer_cls_to_wrap"])
     # FSDP's wrap policy tests isinstance: the geometry blocks subclass the video block, so they are wrapped too.

@@ -2,7 +2,6 @@
 import os
 import re
 import subprocess
-from pathlib import Path
 
 from conftest import REPO_ROOT
 

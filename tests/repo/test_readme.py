@@ -1,6 +1,5 @@
 """README.md: its Python example runs as written."""
 import re
-from pathlib import Path
 
 from conftest import REPO_ROOT
 
@@ -17,3 +16,16 @@ def test_readme_python_example_runs_and_its_shapes_hold():
         shape = re.match(r'geometry\["(\w+)"\]\.shape\s+# \[([\d, ]+)\]', line)
         if shape:
             assert list(geometry[shape.group(1)].shape) == [int(n) for n in shape.group(2).split(",")], line
+
+
+def test_the_architecture_table_names_every_layer_and_only_modules_that_exist():
+    section = README.read_text().split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    package = REPO_ROOT / "diffsynth" / "fantasy_world"
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
+    layers = [row[1].strip(" `/") for row in rows]
+    assert layers == ["config.py", "geometry", "model", "tiny", "data", "train", "eval", "app"]
+    not_modules = {"FantasyWorldConfig", "stage_loss", "bench/"}
+    for layer, row in zip(layers[1:], rows[1:]):
+        named = set(re.findall(r"`([\w/]+)`", row[2])) - not_modules
+        missing = [name for name in named if not (package / layer / f"{name}.py").exists() and not (package / layer / name).is_dir()]
+        assert missing == [], (layer, missing)

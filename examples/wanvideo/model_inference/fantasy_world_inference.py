@@ -26,13 +26,9 @@ import time
 import numpy as np
 import torch
 
-from diffsynth.fantasy_world.app.inference import (
-    build_pretrained_pipeline,
-    build_tiny_pipeline,
-    camera_condition_from_file,
-    model_configs_from_options,
-    save_inference_outputs,
-)
+from diffsynth.fantasy_world.app.inference import build_pretrained_pipeline, camera_condition_from_file, save_inference_outputs
+from diffsynth.fantasy_world.tiny.pipeline import build_tiny_pipeline
+from diffsynth.fantasy_world.train.pretrained import model_configs_from_options
 
 # Per model source: height, width, num_frames, num_inference_steps (the tiny model runs on a CPU in seconds).
 SIZE_DEFAULTS = {"tiny": (64, 64, 9, 4), "pretrained": (480, 832, 81, 50)}
@@ -102,7 +98,7 @@ def main(argv=None) -> None:
     height, width, num_frames = pipe.check_resize_height_width(args.height, args.width, args.num_frames)
     camera, w2c_input = None, None
     if args.camera is not None:
-        kind = pipe.dit.fantasy_world.config["camera_condition"]
+        kind = pipe.dit.fantasy_world.config.camera_condition
         if kind is None:
             raise SystemExit("--camera: this FantasyWorld branch was built without camera conditioning")
         camera, w2c_input, _ = camera_condition_from_file(

@@ -13,7 +13,7 @@ from diffsynth.fantasy_world.app.annotate import AnnotationError, build_network,
 from diffsynth.fantasy_world.app.annotate.cli import main
 from diffsynth.fantasy_world.app.annotate.scale_fit import fit_scale
 from diffsynth.fantasy_world.app.annotate.video import processed_size
-from diffsynth.fantasy_world.geometry.camera import read_camera_file
+from diffsynth.fantasy_world.data.camera_files import read_camera_file
 from diffsynth.fantasy_world.data.dataset import FantasyWorldDataset
 from diffsynth.fantasy_world.data.synthetic import generate_dataset, look_at_w2c
 

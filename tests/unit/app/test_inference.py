@@ -13,24 +13,14 @@ import torch
 from diffsynth.fantasy_world.geometry.camera import (
     intrinsics_to_matrix,
     quaternion_to_rotation_matrix,
-    read_camera_file,
     relative_to_first_frame,
-    write_camera_file,
 )
+from diffsynth.fantasy_world.data.camera_files import read_camera_file, write_camera_file
 from diffsynth.fantasy_world.tiny.dit_configs import build_dit
-from diffsynth.fantasy_world.app.inference import (
-    OUTPUT_FILES,
-    TinyPromptTokenizer,
-    TinyTextEncoder,
-    build_tiny_pipeline,
-    camera_condition_from_file,
-    model_configs_from_options,
-    save_inference_outputs,
-    tokenizer_config,
-)
+from diffsynth.fantasy_world.app.inference import OUTPUT_FILES, camera_condition_from_file, save_inference_outputs
+from diffsynth.fantasy_world.tiny.pipeline import build_tiny_pipeline
 from diffsynth.fantasy_world.model.noise import final_geometry_sigma, final_geometry_timestep
-from diffsynth.fantasy_world.tiny.codec import tiny_text_embedding
-from diffsynth.fantasy_world.app.visualize import read_ply
+from diffsynth.fantasy_world.data.visualize import read_ply
 from diffsynth.fantasy_world.model.weights import (
     CONFIG_KEY,
     read_fantasy_world_file,
@@ -270,32 +260,7 @@ def test_checkpoint_with_wrong_shapes_names_them(checkpoint, tmp_path):
         build_tiny_pipeline(bad)
 
 
-# ----------------------------------------------------------------------------- tiny stand-ins and outputs
-
-
-def test_tiny_text_path_gives_the_training_embedding():
-    ids, mask = TinyPromptTokenizer()("une pièce calme", return_mask=True)
-    embedding = TinyTextEncoder(32, torch.float32)(ids, mask)
-    assert torch.equal(embedding, tiny_text_embedding(["une pièce calme"], 32))
-    assert mask.sum() == embedding.shape[1]  # upstream's prompt unit zeroes rows past the mask: none here
-
-
-def test_real_weight_options_parse_like_training(tmp_path):
-    local = tmp_path / "dit.safetensors"
-    configs = model_configs_from_options(f'["{local}"]', "Wan-AI/Wan2.1-T2V-1.3B:Wan2.1_VAE.pth")
-    assert [(c.path, c.model_id, c.origin_file_pattern) for c in configs] == [
-        (str(local), None, None), (None, "Wan-AI/Wan2.1-T2V-1.3B", "Wan2.1_VAE.pth"),
-    ]
-    with pytest.raises(ValueError, match="--model_paths or --model_id_with_origin_paths"):
-        model_configs_from_options(None, None)
-
-
-def test_tokenizer_config_is_the_local_folder_or_upstreams_default(tmp_path):
-    assert (tokenizer_config(None).model_id, tokenizer_config(None).origin_file_pattern) == ("Wan-AI/Wan2.1-T2V-1.3B", "google/umt5-xxl/")
-    local = tokenizer_config(tmp_path)
-    assert local.path == str(tmp_path) and not local.require_downloading()
-    with pytest.raises(FileNotFoundError, match="--tokenizer_path"):
-        tokenizer_config(tmp_path / "missing")
+# ----------------------------------------------------------------------------- outputs
 
 
 def test_cli_tokenizer_path_reaches_from_pretrained(checkpoint, tmp_path, monkeypatch):

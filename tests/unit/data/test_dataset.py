@@ -11,7 +11,8 @@ from PIL import Image
 
 from diffsynth.core.data.unified_dataset import UnifiedDataset
 from conftest import SYNTHETIC_SEED
-from diffsynth.fantasy_world.geometry.camera import intrinsics_to_matrix, read_camera_file, transform_points
+from diffsynth.fantasy_world.geometry.camera import intrinsics_to_matrix, transform_points
+from diffsynth.fantasy_world.data.camera_files import read_camera_file
 from diffsynth.fantasy_world.data.dataset import BadSampleError, FantasyWorldDataset, collate_fantasy_world
 from diffsynth.fantasy_world.data.synthetic import generate_dataset, random_scene, render_frame
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, SYNTHETIC_FRAMES, SYNTHETIC_HEIGHT, SYNTHETIC_SCENES, SYNTHETIC_SEED, SYNTHETIC_WIDTH
-from diffsynth.fantasy_world.geometry.camera import intrinsics_to_matrix, read_camera_file
+from diffsynth.fantasy_world.geometry.camera import intrinsics_to_matrix
+from diffsynth.fantasy_world.data.camera_files import read_camera_file
 from diffsynth.fantasy_world.data.synthetic import (
     HORIZONTAL_FOV_RANGE_DEGREES,
     MAX_TRANSLATION,

@@ -3,7 +3,8 @@ import numpy as np
 import pandas
 import pytest
 
-from diffsynth.fantasy_world.geometry.camera import intrinsics_to_matrix, read_camera_file
+from diffsynth.fantasy_world.geometry.camera import intrinsics_to_matrix
+from diffsynth.fantasy_world.data.camera_files import read_camera_file
 from diffsynth.fantasy_world.data.synthetic import Scene, render_frame, sample_clip
 from diffsynth.fantasy_world.data.synthetic_ood import (
     CAMERA_REGION,

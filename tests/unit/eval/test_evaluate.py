@@ -10,11 +10,11 @@ from diffsynth.fantasy_world.eval import evaluate as evaluation
 from diffsynth.fantasy_world.eval.baselines import TrainingSetBaselines, fit_pixel_ridge
 from diffsynth.fantasy_world.tiny.dit_configs import build_dit
 from diffsynth.fantasy_world.data.dataset import FantasyWorldDataset, collate_fantasy_world
-from diffsynth.fantasy_world.model.heads import latent_frame_of_video_frame
+from diffsynth.fantasy_world.geometry.shapes import latent_frame_of_video_frame
 from diffsynth.fantasy_world.eval.metrics import METRIC_KEYS
 from diffsynth.fantasy_world.model.noise import final_geometry_sigma
 from diffsynth.fantasy_world.data.synthetic import generate_dataset
-from diffsynth.fantasy_world.train.loop import build_training_module
+from diffsynth.fantasy_world.train.module import build_training_module
 from diffsynth.fantasy_world.model.weights import save_fantasy_world_weights
 
 from conftest import SYNTHETIC_FRAMES, SYNTHETIC_HEIGHT, SYNTHETIC_WIDTH

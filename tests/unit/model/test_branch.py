@@ -6,6 +6,7 @@ import torch
 
 from diffsynth.core.gradient import gradient_checkpoint as upstream_checkpoint
 from diffsynth.fantasy_world.tiny.dit_configs import build_dit
+from diffsynth.fantasy_world.config import FantasyWorldConfig
 from diffsynth.fantasy_world.model.branch import FantasyWorldBranch
 from diffsynth.fantasy_world.model.recompute import GeometryCheckpointing
 from diffsynth.pipelines.wan_video import TeaCache, model_fn_wan_video
@@ -186,9 +187,9 @@ def test_default_split_is_forty_percent():
 
 def test_default_camera_adapter_is_on_the_last_video_only_block():
     # Earlier adapters put the whole video stack into stage 2's backward pass (docs/benchmarks.md, issue 13).
-    assert FantasyWorldBranch(build_dit("tiny")).config["camera_adapter_blocks"] == [1]
-    assert FantasyWorldBranch(build_dit("tiny"), split_layer=4).camera_conditioning.video_blocks == (3,)
-    assert FantasyWorldBranch(build_dit("tiny"), split_layer=0).config["camera_adapter_blocks"] == []
+    assert FantasyWorldBranch(build_dit("tiny")).config.camera_adapter_blocks == (1,)
+    assert FantasyWorldBranch(build_dit("tiny"), FantasyWorldConfig(split_layer=4)).camera_conditioning.video_blocks == (3,)
+    assert FantasyWorldBranch(build_dit("tiny"), FantasyWorldConfig(split_layer=0)).config.camera_adapter_blocks == ()
 
 
 @pytest.mark.parametrize("options, message", [
@@ -279,10 +280,10 @@ def test_frozen_video_side_skips_exactly_the_zero_gated_attention(fw_dit, monkey
 
 def use_upstream_complex_rope(monkeypatch):
     """The geometry stream as before rope_real: complex tables and upstream's complex128 rope_apply."""
-    from diffsynth.fantasy_world.model import branch as model, rope_real
+    from diffsynth.fantasy_world.model import rope_real, run
     from diffsynth.models import wan_video_dit
 
-    monkeypatch.setattr(model, "real_rope_table", lambda freqs, dtype: freqs)
+    monkeypatch.setattr(run, "real_rope_table", lambda freqs, dtype: freqs)
     monkeypatch.setattr(rope_real, "apply_rotary", wan_video_dit.rope_apply)
 
 
@@ -375,4 +376,4 @@ def test_recomputation_follows_the_policy(fw_dit, policy, checkpointed_layers):
 def test_checkpoint_policy_is_a_runtime_setting_not_architecture(fw_dit):
     dit = fw_dit()
     assert dit.fantasy_world.checkpoint_policy == GeometryCheckpointing("all")
-    assert not any("checkpoint" in key for key in dit.fantasy_world.config)
+    assert not any("checkpoint" in key for key in dit.fantasy_world.config.to_metadata())

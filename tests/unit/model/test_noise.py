@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from diffsynth.diffusion import FlowMatchScheduler
+
 from diffsynth.fantasy_world.model.noise import (
     final_geometry_sigma,
     final_geometry_timestep,
@@ -28,3 +30,10 @@ def test_the_final_geometry_pass_reads_at_the_smallest_trained_level():
     assert final_geometry_sigma() == pytest.approx(float(sigmas.min())) and final_geometry_sigma() < 0.01
     assert final_geometry_timestep() == pytest.approx(float(timesteps[sigmas.argmin()]))
     assert int(sigmas.argmin()) in low_noise_timestep_ids(sigmas, 0.1).tolist()
+
+
+def test_the_schedule_is_upstreams_wan_training_schedule():
+    scheduler = FlowMatchScheduler("Wan")
+    scheduler.set_timesteps(1000, training=True)
+    timesteps, sigmas = training_schedule()
+    assert torch.equal(timesteps, scheduler.timesteps) and torch.equal(sigmas, scheduler.sigmas)

@@ -35,7 +35,7 @@ def test_save_load_round_trip_is_exact(tmp_path, trained_branch):
     save_fantasy_world_weights(trained_branch, path)
     other = build_dit("tiny", seed=1)
     load_fantasy_world_weights(other, path)  # enables the mode from the options stored in the file
-    options = lambda dit: {k: v for k, v in dit.fantasy_world.config.items() if k != "init_from_video"}  # noqa: E731
+    options = lambda dit: {k: v for k, v in dit.fantasy_world.config.to_metadata().items() if k != "init_from_video"}  # noqa: E731
     assert options(other) == options(trained_branch)
     saved, loaded = fantasy_world_state_dict(trained_branch), fantasy_world_state_dict(other)
     assert saved.keys() == loaded.keys()

@@ -5,7 +5,8 @@ import pytest
 
 from diffsynth.fantasy_world.train import args as training_args
 from diffsynth.fantasy_world.train.loop import run_training
-from diffsynth.fantasy_world.train.args import BRANCH_DEFAULTS, branch_options, build_parser
+from diffsynth.fantasy_world.config import FantasyWorldConfig
+from diffsynth.fantasy_world.train.args import branch_config, build_parser
 
 VALID_ARGV = ["--dataset_base_path", "data", "--height", "32", "--width", "48", "--num_frames", "9", "--model_source", "tiny"]
 
@@ -54,18 +55,19 @@ def test_more_workers_than_cores_are_capped_with_a_warning(monkeypatch):
     assert args.dataset_num_workers == 2
 
 
-def test_branch_options_come_from_the_command_line_or_the_defaults():
-    assert branch_options(build_parser().parse_args(VALID_ARGV)) == BRANCH_DEFAULTS
-    given = branch_options(build_parser().parse_args(VALID_ARGV + ["--split_layer", "1", "--camera_condition", "none"]))
-    assert given["split_layer"] == 1 and given["camera_condition"] is None
+def test_branch_options_come_from_the_command_line_or_the_config_defaults():
+    assert branch_config(build_parser().parse_args(VALID_ARGV)) == FantasyWorldConfig()
+    given = branch_config(build_parser().parse_args(VALID_ARGV + ["--split_layer", "1", "--camera_condition", "none",
+                                                                  "--camera_adapter_blocks", "0"]))
+    assert given == FantasyWorldConfig(split_layer=1, camera_condition=None, camera_adapter_blocks=(0,))
 
 
 def test_a_checkpoint_defines_the_branch_and_a_disagreeing_option_is_refused():
-    stored = dict(BRANCH_DEFAULTS, split_layer=2, token_layout="per_frame")
+    stored = FantasyWorldConfig(split_layer=2, token_layout="per_frame").to_metadata()
     args = build_parser().parse_args(VALID_ARGV + ["--fantasy_world_checkpoint", "stage1.safetensors"])
-    assert branch_options(args, stored) == stored  # options left out take the checkpoint's values, not the defaults
+    assert branch_config(args, stored) == FantasyWorldConfig(split_layer=2, token_layout="per_frame")  # not the defaults
     args = build_parser().parse_args(VALID_ARGV + ["--fantasy_world_checkpoint", "stage1.safetensors", "--split_layer", "3",
                                                    "--token_layout", "per_frame"])
     with pytest.raises(ValueError, match=r"stage1\.safetensors defines the branch's architecture.*--split_layer 3 \(the checkpoint has 2\)") as error:
-        branch_options(args, stored)
+        branch_config(args, stored)
     assert "token_layout" not in str(error.value)  # the same value is not a conflict

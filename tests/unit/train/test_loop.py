@@ -1,4 +1,4 @@
-"""diffsynth/fantasy_world/train/loop.py: stage freezing, the training loop, resume, split training, DDP on CPU."""
+"""diffsynth/fantasy_world/train/loop.py and module.py: stage freezing, the training loop, resume, split training, DDP on CPU."""
 import json
 import math
 import os
@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 
 from diffsynth.fantasy_world.train import checkpoints
 from diffsynth.fantasy_world.train import loop as training
+from diffsynth.fantasy_world.train import module as training_module
 from diffsynth.fantasy_world.data.dataset import BadSampleError
 from diffsynth.fantasy_world.tiny.dit_configs import build_dit
-from diffsynth.fantasy_world.train.loop import build_training_module, freeze_for_stage, run_training
+from diffsynth.fantasy_world.train.module import build_training_module, freeze_for_stage
+from diffsynth.fantasy_world.train.loop import run_training
 from diffsynth.fantasy_world.train.args import build_parser
 
 from conftest import REPO_ROOT
@@ -53,7 +55,7 @@ def test_geometry_is_supervised_at_low_noise_in_both_stages(train_args):
         module, _ = build_training_module(args, torch.device("cpu"), with_encoders=False)
         sigmas = {}
         for step in range(200):
-            timestep, weight = module.draw_timestep(training.step_generator(0, step, 0))
+            timestep, weight = module.draw_timestep(training_module.step_generator(0, step, 0))
             sigma = float(module.scheduler.sigmas[module.scheduler.timesteps == timestep][0])
             assert weight == float(sigma <= 0.1), (stage, sigma, weight)
             sigmas[step] = sigma
@@ -72,7 +74,7 @@ def test_stage_two_adds_the_geometry_term_only_at_low_noise(train_args, syntheti
     timesteps = module.scheduler.timesteps
     for timestep, weight in ((timesteps[:1], 0.0), (timesteps[-1:], 1.0)):
         monkeypatch.setattr(module, "draw_timestep", lambda generator: (timestep, weight))
-        losses = module(batch, training.step_generator(0, 0, 0))
+        losses = module(batch, training_module.step_generator(0, 0, 0))
         expected = losses["diffusion"] + weight * args.geometry_loss_lambda * losses["geometry"]
         assert losses["geometry"].item() > 0 and losses["total"].item() == pytest.approx(expected.item())
 
@@ -81,17 +83,17 @@ def test_stage_one_leaves_the_backbone_untouched_and_moves_the_branch(train_args
     args = train_args("--stage", "1", "--max_steps", "2")
     before = {k: v.clone() for k, v in build_dit("tiny").state_dict().items()}
     captured = {}
-    original = training.FantasyWorldTrainingModule.__init__
+    original = training_module.FantasyWorldTrainingModule.__init__
 
     def capture(self, *a, **k):
         original(self, *a, **k)
         captured["module"] = self
 
-    training.FantasyWorldTrainingModule.__init__ = capture
+    training_module.FantasyWorldTrainingModule.__init__ = capture
     try:
         run_training(args)
     finally:
-        training.FantasyWorldTrainingModule.__init__ = original
+        training_module.FantasyWorldTrainingModule.__init__ = original
     after = captured["module"].dit.state_dict()
     for key, value in before.items():
         assert torch.equal(after[key], value), f"backbone parameter {key} changed in stage 1"
@@ -134,7 +136,7 @@ def test_keeps_the_last_k_checkpoints_and_writes_logs_and_pictures(train_args):
 
 
 def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(train_args, monkeypatch):
-    real_loss = training.geometry_loss
+    real_loss = training_module.geometry_loss
     calls = []
 
     def loss_turning_nan(pred, target, **kwargs):
@@ -144,7 +146,7 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tra
             losses["points"] = losses["points"] * float("nan")
         return losses
 
-    monkeypatch.setattr(training, "geometry_loss", loss_turning_nan)
+    monkeypatch.setattr(training_module, "geometry_loss", loss_turning_nan)
     args = train_args("--stage", "1", "--max_steps", "5", "--save_steps", "2")
     with pytest.raises(training.NonFiniteLossError, match=r"step 3: term 'points'"):
         run_training(args)
@@ -174,8 +176,8 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_readable(train
 
 def test_a_trainable_parameter_without_gradient_is_reported(train_args, monkeypatch):
     # Stage 1 passes no camera, so camera adapters marked trainable would never get a gradient (DDP would hang).
-    real = training.is_trainable
-    monkeypatch.setattr(training, "is_trainable", lambda name, stage, extra=False: real(name, stage, extra) or "camera_conditioning" in name)
+    real = training_module.is_trainable
+    monkeypatch.setattr(training_module, "is_trainable", lambda name, stage, extra=False: real(name, stage, extra) or "camera_conditioning" in name)
     with pytest.raises(RuntimeError, match=r"without a gradient after the first step: \['fantasy_world.camera_conditioning"):
         run_training(train_args("--stage", "1", "--max_steps", "1"))
 
@@ -212,7 +214,7 @@ def test_two_process_cpu_run_keeps_ranks_identical_and_resumes_exactly(synthetic
 def pretrained_stand_in(monkeypatch):
     """``WanVideoPipeline.from_pretrained`` returning the weight-free tiny pipeline in bf16 (as real weights
     load), with a plain DiT; records what it was asked for (no download)."""
-    from diffsynth.fantasy_world.app.inference import build_tiny_pipeline
+    from diffsynth.fantasy_world.tiny.pipeline import build_tiny_pipeline
     from diffsynth.pipelines.wan_video import WanVideoPipeline
 
     requests = []
@@ -257,8 +259,8 @@ def test_split_training_from_a_cache_equals_training_from_raw_clips(train_args, 
     assert sorted(p.name for p in (cache / "samples").iterdir()) == ["000000.safetensors", "000001.safetensors", "000002.safetensors"]
     run_training(train_args("--stage", "2", "--max_steps", "4", "--batch_size", "2", output="raw"))
     asked = []
-    real_load_models = training.load_models
-    monkeypatch.setattr(training, "load_models", lambda args, device, with_encoders: asked.append(with_encoders) or real_load_models(args, device, with_encoders))
+    real_load_models = training_module.load_models  # the training module loads the models it trains
+    monkeypatch.setattr(training_module, "load_models", lambda args, device, with_encoders: asked.append(with_encoders) or real_load_models(args, device, with_encoders))
     cached = train_args("--stage", "2", "--max_steps", "4", "--batch_size", "2", output="from_cache")
     cached.dataset_base_path = str(cache)
     run_training(cached)

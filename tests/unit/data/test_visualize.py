@@ -1,11 +1,11 @@
-"""diffsynth.fantasy_world.app.visualize: colour maps, PLY files, camera-path and depth pictures."""
+"""diffsynth.fantasy_world.data.visualize: colour maps, PLY files, camera-path and depth pictures."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from diffsynth.fantasy_world.geometry.camera import quaternion_to_rotation_matrix
-from diffsynth.fantasy_world.app.visualize import (
+from diffsynth.fantasy_world.data.visualize import (
     PREDICTED_COLOUR,
     TRUE_COLOUR,
     VIRIDIS_STOPS,

@@ -1,4 +1,4 @@
-"""diffsynth/fantasy_world/data/cache.py: the split-training cache's manifest contract, fault injection per hostile input."""
+"""diffsynth/fantasy_world/train/cache.py: the split-training cache's manifest contract, fault injection per hostile input."""
 import json
 import random
 import re
@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffsynth.fantasy_world.data.cache import (
+from diffsynth.fantasy_world.train.cache import (
     CACHE_MANIFEST, INCOMPLETE_MARK, CacheManifestError, CachedDataset, is_cache, sample_file,
 )
 from diffsynth.fantasy_world.data.dataset import BadSampleError
