@@ -120,7 +120,7 @@ def build_step(args: argparse.Namespace, stage: int, device: str, frozen_dtype,
     """
     import torch
 
-    from bench.step import _build_dit, _loss_fn, _random_inputs
+    from bench.step import build_variant_dit, step_loss_function, random_inputs
     from bench.variants import resolve_shape
     from diffsynth.fantasy_world.train.module import is_trainable
     from diffsynth.models.wan_video_dit import DiTBlock
@@ -129,7 +129,7 @@ def build_step(args: argparse.Namespace, stage: int, device: str, frozen_dtype,
     name = f"stage{stage}"
     shape = resolve_shape(args)
     record: dict = {}
-    dit, trainable, _, _ = _build_dit(args, shape, name, torch.device(device), frozen_dtype, record)
+    dit, trainable, _, _ = build_variant_dit(args, shape, name, torch.device(device), frozen_dtype, record)
     # bench/step.py applies the same rule; checked here because the plan is only as right as this split.
     wrong = [n for n, p in dit.named_parameters() if p.requires_grad != is_trainable(n, stage)]
     if wrong:
@@ -139,8 +139,8 @@ def build_step(args: argparse.Namespace, stage: int, device: str, frozen_dtype,
             parameter.data = parameter.data.to(trained_dtype)
     meta = device == "meta"
     generator = None if meta else torch.Generator(device=device).manual_seed(args.seed + 1)
-    latents, timestep, context, noise_target, camera = _random_inputs(args, shape, name, torch.device(device), generator)
-    compute_loss, _ = _loss_fn(args, name, noise_target, generator)
+    latents, timestep, context, noise_target, camera = random_inputs(args, shape, name, torch.device(device), generator)
+    compute_loss, _ = step_loss_function(args, name, noise_target, generator)
 
     def forward_loss(offload: bool = False) -> torch.Tensor:
         outputs = model_fn_wan_video(

@@ -65,8 +65,8 @@ def _camera_input(args: argparse.Namespace, shape: dict, batch: int, device: tor
     return None
 
 
-def _build_dit(args: argparse.Namespace, shape: dict, stage: str, device: torch.device,
-               frozen_dtype: Optional[torch.dtype], record: dict) -> tuple[WanModel, list, Optional[int], Optional[int]]:
+def build_variant_dit(args: argparse.Namespace, shape: dict, stage: str, device: torch.device,
+                      frozen_dtype: Optional[torch.dtype], record: dict) -> tuple[WanModel, list, Optional[int], Optional[int]]:
     """The variant's DiT in training mode (the stages with the FantasyWorld branch), frozen parameters
     cast to ``frozen_dtype`` (None: kept fp32).
 
@@ -101,8 +101,8 @@ def _build_dit(args: argparse.Namespace, shape: dict, stage: str, device: torch.
     return dit, trainable, split_layer, geo_length
 
 
-def _random_inputs(args: argparse.Namespace, shape: dict, stage: str, device: torch.device,
-                   generator: Optional[torch.Generator]) -> tuple[torch.Tensor, ...]:
+def random_inputs(args: argparse.Namespace, shape: dict, stage: str, device: torch.device,
+                  generator: Optional[torch.Generator]) -> tuple[torch.Tensor, ...]:
     """``latents`` (B, C, f, h, w), ``timestep`` (B,) in [0, 1000), ``context`` (B, text_len, text_dim),
     ``noise_target`` like ``latents`` and the camera input (None for plain), drawn in this order."""
     cfg = model_config(args)
@@ -130,8 +130,8 @@ def _geometry_targets(pred: dict, generator: Optional[torch.Generator]) -> dict:
     return target
 
 
-def _loss_fn(args: argparse.Namespace, stage: str, noise_target: torch.Tensor,
-             generator: Optional[torch.Generator]) -> tuple[Callable[..., torch.Tensor], str]:
+def step_loss_function(args: argparse.Namespace, stage: str, noise_target: torch.Tensor,
+                       generator: Optional[torch.Generator]) -> tuple[Callable[..., torch.Tensor], str]:
     """The stage's loss on the model outputs, and its description for the report.
 
     Stages 1 and 2 use the trainer's own composition (``train.module.stage_loss``, the training
@@ -201,11 +201,11 @@ def run_variant(args: argparse.Namespace, shape: dict, stage: str, ckpt: bool, d
     counter = None
     try:
         frozen_dtype = compute_dtype if args.frozen_dtype == "compute" and autocast else None
-        dit, trainable, split_layer, geo_length = _build_dit(args, shape, stage, device, frozen_dtype, record)
+        dit, trainable, split_layer, geo_length = build_variant_dit(args, shape, stage, device, frozen_dtype, record)
         optimizer = torch.optim.AdamW(trainable, lr=args.lr)
         generator = None if meta else torch.Generator(device=device).manual_seed(args.seed + 1)
-        latents, timestep, context, noise_target, camera = _random_inputs(args, shape, stage, device, generator)
-        compute_loss, record["loss"] = _loss_fn(args, stage, noise_target, generator)
+        latents, timestep, context, noise_target, camera = random_inputs(args, shape, stage, device, generator)
+        compute_loss, record["loss"] = step_loss_function(args, stage, noise_target, generator)
 
         def step(count: Optional[FlopCounter] = None) -> float:
             optimizer.zero_grad(set_to_none=True)

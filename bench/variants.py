@@ -161,7 +161,7 @@ def geometry_checkpointing(args: argparse.Namespace) -> GeometryCheckpointing:
 # FantasyWorldConfig options the benchmark exposes as generated; --camera_adapter_blocks is its own
 # (it also takes "pre" and "post").
 CONFIG_OPTIONS = ("split_layer", "token_layout", "num_register_tokens", "cross_attn_heads", "camera_condition",
-                  "head_features", "head_resolution_factor")
+                  "head_features", "head_resolution_factor", "camera_head")
 
 
 def fw_options(args: argparse.Namespace) -> dict:

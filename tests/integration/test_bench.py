@@ -170,7 +170,7 @@ def test_the_benchmark_scores_a_batch_exactly_as_the_trainer(stage, schedule_end
     # at the schedule's first, high-noise timestep has gate 0; at its last, gate 1).
     import argparse
 
-    from bench.step import _loss_fn
+    from bench.step import step_loss_function
     from diffsynth.fantasy_world.data.dataset import FantasyWorldDataset, collate_fantasy_world
     from diffsynth.fantasy_world.train import module as training_module
 
@@ -186,7 +186,7 @@ def test_the_benchmark_scores_a_batch_exactly_as_the_trainer(stage, schedule_end
     trained = module(batch, torch.Generator().manual_seed(5))["total"]
 
     noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(5))
-    compute_loss, _ = _loss_fn(argparse.Namespace(geo_weight=0.7), f"stage{stage}", noise, None)
+    compute_loss, _ = step_loss_function(argparse.Namespace(geo_weight=0.7), f"stage{stage}", noise, None)
     benchmarked = compute_loss(
         outputs["value"], targets=module.geometry_targets(batch),
         diffusion_target=module.scheduler.training_target(batch["latents"], noise, timestep),

@@ -5,6 +5,7 @@ import inspect
 import json
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from diffsynth.fantasy_world.config import (
@@ -47,6 +48,7 @@ def test_resolving_fills_the_defaults_derived_from_the_dit():
     (dict(heads=()), "heads must be a non-empty subset"),
     (dict(camera_condition="rays"), "camera_condition must be one of"),
     (dict(head_resolution_factor=0), "must be >= 1"),
+    (dict(camera_head="histogram"), "camera_head must be one of"),
 ])
 def test_a_bad_option_is_refused_with_its_name(options, message):
     with pytest.raises(ValueError, match=message):
@@ -65,10 +67,13 @@ def test_options_the_dit_constrains_are_checked_against_it(options, message):
 
 
 def test_metadata_round_trips_and_reads_files_written_before_the_config(tmp_path):
-    assert FantasyWorldConfig.from_metadata(OLD_TINY_METADATA).to_metadata() == OLD_TINY_METADATA
+    # A file written before camera_head existed holds the correlation head: that is what it means.
+    old_config = FantasyWorldConfig.from_metadata(OLD_TINY_METADATA)
+    assert old_config.camera_head == "correlation" and default_of("camera_head") == "motion"
+    assert old_config.to_metadata() == OLD_TINY_METADATA | {"camera_head": "correlation"}
     dit = build_dit("tiny")
-    dit.enable_fantasy_world_mode()
-    assert dit.fantasy_world.config.to_metadata() == OLD_TINY_METADATA  # defaults unchanged by the move
+    dit.enable_fantasy_world_mode(camera_head="correlation")
+    assert dit.fantasy_world.config.to_metadata() == OLD_TINY_METADATA | {"camera_head": "correlation"}
     old_file = tmp_path / "old.safetensors"
     save_file({k: v.contiguous() for k, v in fantasy_world_state_dict(dit).items()}, str(old_file),
               {CONFIG_KEY: json.dumps(OLD_TINY_METADATA)})
@@ -76,8 +81,23 @@ def test_metadata_round_trips_and_reads_files_written_before_the_config(tmp_path
     load_fantasy_world_weights(fresh, old_file)
     # init_from_video is off for a loaded branch: the file's weights replace the initialisation.
     assert fresh.fantasy_world.config == FantasyWorldConfig.from_metadata(dict(OLD_TINY_METADATA, init_from_video=False))
+    assert type(fresh.fantasy_world.camera_head).__name__ == "CameraHead"
     older = {k: v for k, v in OLD_TINY_METADATA.items() if k != "camera_hidden"}  # an option the file predates
     assert FantasyWorldConfig.from_metadata(older).camera_hidden == default_of("camera_hidden")
+
+
+def test_a_new_file_keeps_its_camera_head_and_new_branches_get_the_motion_head(tmp_path):
+    dit = build_dit("tiny")
+    dit.enable_fantasy_world_mode()
+    assert type(dit.fantasy_world.camera_head).__name__ == "MotionCameraHead"
+    path = tmp_path / "new.safetensors"
+    save_file({k: v.contiguous() for k, v in fantasy_world_state_dict(dit).items()}, str(path),
+              {CONFIG_KEY: json.dumps(dit.fantasy_world.config.to_metadata())})
+    fresh = build_dit("tiny")
+    load_fantasy_world_weights(fresh, path)
+    assert fresh.fantasy_world.config.camera_head == "motion"
+    for name, value in fantasy_world_state_dict(dit).items():
+        assert torch.equal(fantasy_world_state_dict(fresh)[name], value), name
 
 
 def test_an_option_this_version_does_not_know_is_named():

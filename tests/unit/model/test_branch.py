@@ -29,12 +29,14 @@ def plucker_input(inputs, seed=1):
 
 
 def activate_every_path(dit):
-    """Open the zero gates and adapters so every part of the branch changes the outputs."""
+    """Open the zero gates, adapters and the camera head's pose update so every part of the branch changes the outputs."""
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, parameter in dit.fantasy_world.named_parameters():
             if name.endswith("gate") or "shift" in name:
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+            elif name.startswith("camera_head.update"):  # a pose-sized update (its input is 256 wide, 4 passes)
+                parameter.copy_(0.01 * torch.randn(parameter.shape, generator=generator))
 
 
 @pytest.fixture
@@ -55,7 +57,7 @@ def test_freshly_enabled_branch_leaves_the_video_prediction_exactly_unchanged(la
     video, geometry = model_fn_wan_video(plain, **inputs, return_geometry=True, fantasy_world_camera=plucker_input(inputs))
     assert torch.equal(video, reference)
     assert torch.equal(model_fn_wan_video(plain, **inputs), reference)  # without the flag: upstream's return value
-    assert set(geometry) == {"depth", "depth_conf", "points", "points_conf", "camera"}
+    assert set(geometry) == {"depth", "depth_conf", "points", "points_conf", "camera", "camera_iterations"}
 
 
 def test_opened_gates_do_change_the_video(fw_dit):
@@ -140,7 +142,7 @@ def test_per_frame_camera_tokens_differ_between_frames(fw_dit, monkeypatch):
     activate_every_path(dit)
     head = dit.fantasy_world.camera_head
     captured, original = [], head.forward
-    monkeypatch.setattr(head, "forward", lambda tokens, video, grid: captured.append(tokens) or original(tokens, video, grid))
+    monkeypatch.setattr(head, "forward", lambda tokens, latents: captured.append(tokens) or original(tokens, latents))
     model_fn_wan_video(dit, **tiny_inputs(latent_frames=4), return_geometry=True)
     tokens = captured[0][0]  # [slots, C]: the camera token of each latent frame after the last block
     for a in range(1, 4):
@@ -151,6 +153,7 @@ def test_per_frame_camera_tokens_differ_between_frames(fw_dit, monkeypatch):
 @pytest.mark.parametrize("layout", ["global", "per_frame"])
 def test_camera_head_reads_the_camera_tokens(fw_dit, layout):
     dit = fw_dit(token_layout=layout)
+    activate_every_path(dit)
     inputs = tiny_inputs()
     _, before = model_fn_wan_video(dit, **inputs, return_geometry=True)
     with torch.no_grad():
@@ -207,7 +210,7 @@ def test_bad_options_are_refused(options, message):
 def test_narrower_geometry_stream_runs(fw_dit):
     dit = fw_dit(geo_dim=32, init_from_video=False, heads=("depth", "camera"))
     _, geometry = model_fn_wan_video(dit, **tiny_inputs(), return_geometry=True)
-    assert set(geometry) == {"depth", "depth_conf", "camera"}
+    assert set(geometry) == {"depth", "depth_conf", "camera", "camera_iterations"}
 
 
 def test_geometry_blocks_start_from_the_paired_video_blocks(fw_dit):

@@ -4,11 +4,16 @@ import math
 import pytest
 import torch
 
+from diffsynth.fantasy_world.geometry.camera import compose_w2c, invert_w2c, quaternion_to_rotation_matrix
 from diffsynth.fantasy_world.train.losses import (
+    CAMERA_PASS_GAMMA,
     camera_loss,
     depth_loss,
     geometry_loss,
     point_loss,
+    refined_camera_loss,
+    relative_pose_loss,
+    relative_poses_of_pairs,
     resize_targets_nearest,
 )
 
@@ -293,3 +298,55 @@ def test_gradients_are_finite_with_empty_masks():
     losses["total"].backward()
     for key, value in pred.items():
         assert torch.isfinite(value.grad).all() and (value.grad == 0).all(), key
+
+
+# ----------------------------------------------------------------------------- refined camera passes
+
+
+def test_relative_poses_of_pairs_are_the_composed_cameras():
+    camera = make_target()["camera"]
+    first, second = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    rotation, translation = relative_poses_of_pairs(camera, first, second)
+    w2c = torch.cat([quaternion_to_rotation_matrix(camera[..., 3:7]), camera[..., :3, None]], dim=-1)
+    expected = compose_w2c(w2c[:, second], invert_w2c(w2c[:, first]))
+    assert torch.allclose(rotation, expected[..., :3], atol=1e-5)
+    assert torch.allclose(translation, expected[..., 3], atol=1e-5)
+
+
+def test_the_relative_pose_term_sees_a_wrong_step_between_frames():
+    target = make_target()["camera"]
+    valid = torch.ones(B, T, dtype=torch.bool)
+    assert relative_pose_loss(target.clone(), target, valid).item() < 1e-6
+    moved = target.clone()
+    moved[:, 2, :3] += 0.5  # frame 2 alone is off: its steps from 0 and from 1 are wrong
+    assert relative_pose_loss(moved, target, valid).item() > 0.1
+    valid[:, 2] = False  # ... unless frame 2 has no camera
+    assert relative_pose_loss(moved, target, valid).item() < 1e-6
+
+
+def test_refined_camera_loss_weights_the_passes_as_vggt_and_supervises_each():
+    target = make_target()["camera"]
+    perfect = target[:, None].expand(B, 3, T, 9).clone()
+    assert refined_camera_loss(perfect, target)["camera"].item() < 1e-6
+    bad_first, bad_last = perfect.clone(), perfect.clone()
+    bad_first[:, 0] += 0.3
+    bad_last[:, -1] += 0.3
+    first_loss = refined_camera_loss(bad_first, target)["camera"].item()
+    last_loss = refined_camera_loss(bad_last, target)["camera"].item()
+    weights = [CAMERA_PASS_GAMMA ** 2, CAMERA_PASS_GAMMA, 1.0]
+    assert first_loss > 0 and first_loss / last_loss == pytest.approx(weights[0] / weights[2], rel=1e-4)
+    # The logged parts are the last pass's; geometry_loss takes the passes when the head gives them.
+    terms = refined_camera_loss(bad_last, target)
+    assert terms["camera_translation"].item() == pytest.approx(0.3, rel=1e-5)
+    combined = geometry_loss({"camera": bad_last[:, -1], "camera_iterations": bad_last}, {"camera": target})
+    assert combined["camera"].item() == pytest.approx(3.0 * last_loss, rel=1e-6)
+    assert "camera_relative" in combined
+
+
+def test_the_relative_pose_term_of_several_passes_is_each_pass_own():
+    target = make_target()["camera"]
+    valid = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) > 0.3
+    passes = target[:, None] + 0.2 * torch.randn(B, 4, T, 9, generator=torch.Generator().manual_seed(4))
+    together = relative_pose_loss(passes, target, valid)
+    alone = torch.stack([relative_pose_loss(passes[:, k], target, valid) for k in range(4)])
+    assert together.shape == (4,) and torch.allclose(together, alone, atol=1e-6)
