@@ -5,9 +5,10 @@
 # with an embedded configuration -> evaluation against baselines at the inference noise level on three
 # splits (report.json / report.md): `heldout` (decorrelated rooms, other seeds), `ood_trajectory` (the
 # old orbit family) and `ood_content` (yards and halls of synthetic_ood, decorrelated paths).
-# About 19 minutes of training on 2 CPU cores when nothing else runs (a concurrent process slows the
-# 2-thread training step many times over), plus ~1-2 minutes of data and evaluation. Outputs under
-# outputs/learn/ (override with LEARN_OUTPUT=DIR); every knob below can be overridden from the environment.
+# About 20 minutes of training on 2 CPU cores when nothing else runs (a concurrent process slows the
+# 2-thread training step many times over), plus ~4 minutes of data, caching and evaluation: 24.2 min
+# in all on 2026-12-08. Outputs under outputs/learn/ (override with LEARN_OUTPUT=DIR); every knob
+# below can be overridden from the environment.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
