@@ -5,8 +5,10 @@ import torch
 from diffsynth.fantasy_world.model.camera_head import (
     REFINEMENT_PASSES,
     MotionCameraHead,
+    MAX_COST_VOLUME_SIDE,
     local_cost_volume,
     mirror_pose_encoding,
+    pooled_for_cost_volume,
 )
 from diffsynth.fantasy_world.geometry.camera import pose_encoding_from_cameras, quaternion_to_rotation_matrix
 
@@ -98,5 +100,11 @@ def test_the_scene_tokens_reach_the_cameras(head):
 
 
 def test_large_latents_are_pooled_before_the_cost_volume(head):
-    camera, _ = head(torch.randn(1, 1, TOKEN_DIM), torch.randn(1, LATENT_CHANNELS, 2, 60, 104))
+    small = torch.randn(2, LATENT_CHANNELS, 8, 12)
+    assert pooled_for_cost_volume(small) is small
+    large = torch.randn(2, LATENT_CHANNELS, 60, 104)  # a 480x832 clip's latents: blocks of 7x7 cells
+    pooled = pooled_for_cost_volume(large)
+    assert pooled.shape == (2, LATENT_CHANNELS, 9, 15) and max(pooled.shape[-2:]) <= MAX_COST_VOLUME_SIDE
+    assert torch.allclose(pooled[..., 0, 0], large[..., :7, :7].mean(dim=(-2, -1)), atol=1e-6)
+    camera, _ = head(torch.randn(1, 1, TOKEN_DIM), large[:1, :, None].expand(-1, -1, 2, -1, -1))
     assert camera.shape == (1, 5, 9) and torch.isfinite(camera).all()
